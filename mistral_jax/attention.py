@@ -1,0 +1,99 @@
+"""Grouped-query attention with Mistral's exact sliding window.
+
+Einsum axis letters, used across the library:
+  B batch    T query length    S key length    N query heads    K kv heads    G query heads per kv head (N/K)
+  H head dim D model dim       F ffn dim       V vocab          L layers      C query block
+
+The window rule (REFERENCE.md section 2): a query at absolute position i sees key j iff j <= i and
+i - j < W, i.e. W keys including its own. Masks are always built from absolute positions, never from array
+indices, so the same code is exact for left-padded batches, packed rows, decode and chunked prefill.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# A large finite negative rather than -inf: a fully masked row (a padding query) then gives a uniform
+# softmax instead of NaN, and NaN cannot leak into gradients through 0 * NaN.
+_NEG = -1e30
+
+# Scores of the query blocks processed together in one step of the blockwise path stay under this many
+# bytes; it bounds temporary memory independently of the sequence length.
+_BLOCK_SCORE_BYTES = 64 * 2**20
+
+
+def make_mask(q_pos, k_pos, q_seg, k_seg, window: int | None):
+    """Boolean mask [B, T, S]: key visible to query.
+
+    q_pos [B, T], k_pos [B, S]: absolute positions. q_seg [B, T], k_seg [B, S]: segment ids, 0 marks
+    padding (never attended); a query only sees keys of its own segment (packed rows).
+    """
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (kp <= qp) & (k_seg[:, None, :] != 0) & (q_seg[:, :, None] == k_seg[:, None, :])
+    if window is not None:
+        mask &= qp - kp < window
+    return mask
+
+
+def dot_attention(q, k, v, mask):
+    """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]. Softmax in float32."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, t, kh, n // kh, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
+    s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    s = jnp.where(mask[:, None, None], s, _NEG)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v)
+    return out.reshape(b, t, n, h)
+
+
+def self_attention(q, k, v, positions, segment_ids, window: int | None, block: int):
+    """Attention of a sequence over itself. q [B, T, N, H], k/v [B, T, K, H], positions/segment_ids [B, T].
+
+    Without a window, or when the whole sequence fits in one window span, this is one dense masked
+    attention. Otherwise it is blockwise: query block b (C queries) only visits the keys
+    [bC - PC, bC + C), P = ceil((W-1)/C) blocks back, so memory and work grow linearly in T, not as T^2.
+    Assumes positions rise by one along each segment (true for padded and packed rows), so that a key
+    within W positions is also within W array slots.
+    """
+    b, t = positions.shape
+    if window is None or t <= block + window:
+        return dot_attention(q, k, v, make_mask(positions, positions, segment_ids, segment_ids, window))
+
+    c = block
+    p = -(-(window - 1) // c)  # key blocks before the query block
+    nb = -(-t // c)
+    pad_t = nb * c - t
+    span = (p + 1) * c
+
+    def pad(x, front, back, value=0):
+        widths = [(0, 0)] * x.ndim
+        widths[1] = (front, back)
+        return jnp.pad(x, widths, constant_values=value)
+
+    # Queries padded at the back; keys padded at the front (P blocks of padding, segment 0) and back.
+    qb = pad(q, 0, pad_t).reshape(b, nb, c, *q.shape[2:])
+    qpos = pad(positions, 0, pad_t).reshape(b, nb, c)
+    qseg = pad(segment_ids, 0, pad_t).reshape(b, nb, c)
+    kp, vp = pad(k, p * c, pad_t), pad(v, p * c, pad_t)
+    kpos, kseg = pad(positions, p * c, pad_t), pad(segment_ids, p * c, pad_t)
+
+    def one_block(args):
+        i, qi, qposi, qsegi = args
+        start = i * c
+        ki = jax.lax.dynamic_slice_in_dim(kp, start, span, axis=1)
+        vi = jax.lax.dynamic_slice_in_dim(vp, start, span, axis=1)
+        kposi = jax.lax.dynamic_slice_in_dim(kpos, start, span, axis=1)
+        ksegi = jax.lax.dynamic_slice_in_dim(kseg, start, span, axis=1)
+        return dot_attention(qi, ki, vi, make_mask(qposi, kposi, qsegi, ksegi, window))
+
+    n = q.shape[2]
+    per_block = b * n * c * span * 4 * 3  # scores, probabilities, mask-select in float32
+    group = max(1, min(nb, _BLOCK_SCORE_BYTES // per_block))
+    xs = (jnp.arange(nb), jnp.moveaxis(qb, 1, 0), jnp.moveaxis(qpos, 1, 0), jnp.moveaxis(qseg, 1, 0))
+    out = jax.lax.map(one_block, xs, batch_size=group)  # [nb, B, C, N, H]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, nb * c, *q.shape[2:])
+    return out[:, :t]

@@ -1,0 +1,261 @@
+"""The Mistral transformer as a functional Flax (Linen) module.
+
+Names mirror the Mistral checkpoint (tok_embeddings, attention.wq, feed_forward.w1, attention_norm, ...), so
+checkpoint.py reads as a table of name pairs. Params are a plain nested dict (layers stacked on a leading
+axis by `nn.scan`, so a 32-layer model compiles one layer):
+
+  tok_embeddings.embedding [V, D]        layers.attention.wq [L, D, N, H]   layers.attention.wo [L, N, H, D]
+  layers.attention.wk/wv   [L, D, K, H]  layers.feed_forward.w1/w3 [L, D, F]  layers.feed_forward.w2 [L, F, D]
+  layers.attention_norm.scale, layers.ffn_norm.scale [L, D]   norm.scale [D]   output.kernel [D, V] (untied)
+
+Axis letters are explained in attention.py. Every param carries logical axis names (sharding.py maps them
+to mesh axes); activations are constrained by logical names at block boundaries.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .attention import dot_attention, make_mask, self_attention
+from .config import MistralConfig
+from .rope import apply_rope
+
+Params = dict[str, Any]
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module: nn.Module, name: str, shape, axes, init=_init):
+    cfg = module.config
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+
+
+class RMSNorm(nn.Module):
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones)
+        # Statistics in float32 whatever the compute dtype; the scale is applied in the compute dtype, as in
+        # the reference implementations.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)
+        return y.astype(x.dtype) * scale.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache=None, cache_pos=None):
+        """x [B, T, D] -> [B, T, D]. With `cache` ({'k','v'}: [B, S, K, H]) and `cache_pos` [B, S] (absolute
+        position held by each slot, -1 when empty), the queries attend (cache, new tokens) and the new keys
+        are then written at slot `position % S`; returns (out, new_cache)."""
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        d, n, k, h = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
+        wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"))
+        wk = _param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"))
+        wv = _param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"))
+        wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"))
+
+        q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dt))
+        kk = jnp.einsum("btd,dkh->btkh", x, wk.astype(dt))
+        vv = jnp.einsum("btd,dkh->btkh", x, wv.astype(dt))
+        q = apply_rope(q, positions, c.rope_theta)
+        kk = apply_rope(kk, positions, c.rope_theta)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        kk = nn.with_logical_constraint(kk, ("batch", "length", "kv_heads", "head_dim"))
+        vv = nn.with_logical_constraint(vv, ("batch", "length", "kv_heads", "head_dim"))
+
+        if cache is None:
+            out = self_attention(q, kk, vv, positions, segment_ids, c.sliding_window, c.attention_block)
+            new_cache = None
+        else:
+            out, new_cache = _cached_attention(q, kk, vv, positions, segment_ids, cache, cache_pos,
+                                               c.sliding_window)
+        out = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
+        return out, new_cache
+
+
+def cache_write_slots(positions, segment_ids, num_slots: int):
+    """Slot of each new token in a rolling cache of `num_slots` slots: `position % num_slots`.
+
+    Padding tokens, and tokens that a later token of the same chunk evicts (a chunk longer than the
+    buffer), get slot `num_slots`, which scatters drop. Returns int32 [B, T].
+    """
+    valid = segment_ids != 0
+    last = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
+    keep = valid & (positions > last - num_slots)
+    return jnp.where(keep, positions % num_slots, num_slots).astype(jnp.int32)
+
+
+def _scatter_rows(buf, slots, new):
+    """buf [B, S, ...], slots [B, T], new [B, T, ...] -> buf with new written at slots (out of range dropped)."""
+    return jax.vmap(lambda b, s, x: b.at[s].set(x, mode="drop"))(buf, slots, new)
+
+
+def _cached_attention(q, k, v, positions, segment_ids, cache, cache_pos, window):
+    # Attend over (cache, chunk) before writing the chunk: a chunk position must see the W-1 positions
+    # before it, some of which the chunk itself would overwrite in a rolling buffer.
+    keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
+    vals = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
+    valid_new = (segment_ids != 0).astype(jnp.int32)
+    k_pos = jnp.concatenate([cache_pos, positions], axis=1)
+    k_seg = jnp.concatenate([(cache_pos >= 0).astype(jnp.int32), valid_new], axis=1)
+    mask = make_mask(positions, k_pos, valid_new, k_seg, window)
+    out = dot_attention(q, keys.astype(q.dtype), vals.astype(q.dtype), mask)
+    slots = cache_write_slots(positions, segment_ids, cache["k"].shape[1])
+    new_cache = {"k": _scatter_rows(cache["k"], slots, k.astype(cache["k"].dtype)),
+                 "v": _scatter_rows(cache["v"], slots, v.astype(cache["v"].dtype))}
+    return out, new_cache
+
+
+class FeedForward(nn.Module):
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        w1 = _param(self, "w1", (c.dim, c.hidden_dim), ("embed", "mlp"))
+        w3 = _param(self, "w3", (c.dim, c.hidden_dim), ("embed", "mlp"))
+        w2 = _param(self, "w2", (c.hidden_dim, c.dim), ("mlp", "embed"))
+        gate = jnp.einsum("btd,df->btf", x, w1.astype(dt))
+        up = jnp.einsum("btd,df->btf", x, w3.astype(dt))
+        hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return jnp.einsum("btf,fd->btd", hidden, w2.astype(dt))
+
+
+class Block(nn.Module):
+    """One layer; `nn.scan` stacks these. Signature (carry, xs, *broadcast) -> (carry, ys) for the scan."""
+
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x, cache, positions, segment_ids, cache_pos):
+        attn, new_cache = Attention(self.config, name="attention")(
+            RMSNorm(self.config, name="attention_norm")(x), positions, segment_ids, cache, cache_pos)
+        h = x + attn
+        out = h + FeedForward(self.config, name="feed_forward")(RMSNorm(self.config, name="ffn_norm")(h))
+        out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        return out, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nn.Module):
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
+        """tokens [B, T] int -> logits [B, T, V] float32.
+
+        positions [B, T]: absolute positions (default 0..T-1); segment_ids [B, T]: 0 for padding, and
+        distinct ids for examples packed in one row (default all 1). With `cache` (see kv_cache.py) returns
+        (logits, new_cache) and attends the cached keys too.
+        """
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+
+        embedding = _param(self, "embedding", (c.vocab_size, c.dim), ("vocab", "embed"))  # in tok_embeddings
+        x = jnp.take(embedding, tokens, axis=0).astype(dt)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, name="layers")
+        kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        cache_pos = None if cache is None else cache["pos"]
+        x, new_kv = layers(x, kv, positions, segment_ids, cache_pos)
+
+        x = RMSNorm(c, name="norm")(x)
+        if c.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dt))
+        else:
+            kernel = _param(self, "kernel", (c.dim, c.vocab_size), ("embed", "vocab"))  # in output
+            logits = jnp.einsum("btd,dv->btv", x, kernel.astype(dt))
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        slots = cache_write_slots(positions, segment_ids, cache["pos"].shape[1])
+        new_pos = _scatter_rows(cache["pos"], slots, positions.astype(cache["pos"].dtype))
+        return logits, {"k": new_kv["k"], "v": new_kv["v"], "pos": new_pos}
+
+
+# The embedding and head params are declared on the top module (to share the embedding when tied); these
+# two renames give them the checkpoint's names in the params dict.
+_TOP_RENAMES = {"embedding": ("tok_embeddings", "embedding"), "kernel": ("output", "kernel")}
+
+
+def _to_public(tree):
+    out = {k: v for k, v in tree.items() if k not in _TOP_RENAMES}
+    for k, (mod, leaf) in _TOP_RENAMES.items():
+        if k in tree:
+            out[mod] = {leaf: tree[k]}
+    return out
+
+
+def _to_flax(params):
+    out = {k: v for k, v in params.items() if k not in ("tok_embeddings", "output")}
+    out["embedding"] = params["tok_embeddings"]["embedding"]
+    if "output" in params:
+        out["kernel"] = params["output"]["kernel"]
+    return out
+
+
+def _abstract_boxed(config: MistralConfig):
+    model = Transformer(config)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(lambda r: model.init(r, tokens)["params"], jax.random.key(0))
+
+
+def init_params(config: MistralConfig, rng) -> Params:
+    """Random params (std 0.02, norms at 1) as a plain nested dict."""
+    boxed = Transformer(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return _to_public(nn.unbox(boxed))
+
+
+def param_shapes(config: MistralConfig) -> Params:
+    """The param tree as jax.ShapeDtypeStruct leaves (no memory)."""
+    return _to_public(nn.unbox(_abstract_boxed(config)))
+
+
+def param_logical_axes(config: MistralConfig) -> Params:
+    """The param tree with a tuple of logical axis names at each leaf, e.g. ('layers', 'embed', 'heads', 'head_dim')."""
+    boxed = _abstract_boxed(config)
+    axes = jax.tree.map(lambda p: tuple(p.names), boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return _to_public(axes)
+
+
+def apply(params: Params, config: MistralConfig, tokens, positions=None, segment_ids=None, cache=None):
+    """Functional forward: see Transformer.__call__. Pure, so jit and grad apply directly."""
+    return Transformer(config).apply({"params": _to_flax(params)}, tokens, positions, segment_ids, cache)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def forward(params: Params, config: MistralConfig, tokens, positions=None, segment_ids=None):
+    """Jitted logits [B, T, V] float32 (no cache)."""
+    return apply(params, config, tokens, positions, segment_ids)
