@@ -7,6 +7,8 @@ import dataclasses
 import json
 from typing import Any, Iterator
 
+import numpy as np
+
 
 @dataclasses.dataclass
 class Row:
@@ -39,7 +41,8 @@ def read_jsonl(path: str) -> Iterator[Row]:
 
 def check_ids(ids: Any, vocab_size: int, max_len: int, where: str, min_len: int = 1) -> str | None:
     """Returns an error message for a bad token-id list, or None when it is usable."""
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                                                     for i in ids):
         return f"{where}: token ids must be a list of integers"
     if len(ids) < min_len:
         return f"{where}: needs at least {min_len} tokens, got {len(ids)}"

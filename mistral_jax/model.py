@@ -157,12 +157,13 @@ class Transformer(nn.Module):
     config: MistralConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, logits_at=None):
         """tokens [B, T] int -> logits [B, T, V] float32.
 
         positions [B, T]: absolute positions (default 0..T-1); segment_ids [B, T]: 0 for padding, and
         distinct ids for examples packed in one row (default all 1). With `cache` (see kv_cache.py) returns
-        (logits, new_cache) and attends the cached keys too.
+        (logits, new_cache) and attends the cached keys too. `logits_at` [B] int: compute the head only at
+        that index of each row (logits [B, 1, V]); prefill needs one position, not a [B, T, V] tensor.
         """
         c = self.config
         dt = jnp.dtype(c.dtype)
@@ -191,6 +192,8 @@ class Transformer(nn.Module):
         cache_pos = None if cache is None else cache["pos"]
         x, new_kv = layers(x, kv, positions, segment_ids, cache_pos)
 
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
         x = RMSNorm(c, name="norm")(x)
         if c.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dt))
@@ -250,9 +253,11 @@ def param_logical_axes(config: MistralConfig) -> Params:
     return _to_public(axes)
 
 
-def apply(params: Params, config: MistralConfig, tokens, positions=None, segment_ids=None, cache=None):
+def apply(params: Params, config: MistralConfig, tokens, positions=None, segment_ids=None, cache=None,
+          logits_at=None):
     """Functional forward: see Transformer.__call__. Pure, so jit and grad apply directly."""
-    return Transformer(config).apply({"params": _to_flax(params)}, tokens, positions, segment_ids, cache)
+    return Transformer(config).apply({"params": _to_flax(params)}, tokens, positions, segment_ids, cache,
+                                     logits_at)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
