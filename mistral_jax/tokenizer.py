@@ -271,3 +271,25 @@ def _normalize(messages: Sequence[Mapping[str, Any]]) -> tuple[list[_Turn], str 
     if not turns or turns[0].role != "user":
         turns.insert(0, _Turn("user", ""))
     return turns, system_prompt
+
+
+_MISTRAL_COMMON_FILES = {"v1": "tokenizer.model.v1", "v2": "mistral_instruct_tokenizer_240216.model.v2",
+                         "v3": "mistral_instruct_tokenizer_240323.model.v3"}
+
+
+def mistral_common_tokenizer(version: str = "v1") -> str:
+    """Path of the real Mistral tokenizer file that the `mistral-common` package ships (no download).
+
+    Found without importing mistral-common, which the library does not need at run time."""
+    import importlib.util
+
+    if version not in _MISTRAL_COMMON_FILES:
+        raise ValueError(f"version must be one of {sorted(_MISTRAL_COMMON_FILES)}, got {version!r}")
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the mistral-common package is not installed (pip install mistral-common); "
+                                "it ships the Mistral tokenizer files")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", _MISTRAL_COMMON_FILES[version])
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found in the installed mistral-common")
+    return path

@@ -16,7 +16,7 @@ import sentencepiece
 
 from mistral_jax.tokenizer import Tokenizer
 
-mistral_common = pytest.importorskip("mistral_common")
+import mistral_common  # noqa: E402,F401  (a test dependency: never skipped)
 from mistral_common.exceptions import MistralCommonException  # noqa: E402
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage  # noqa: E402
 from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402

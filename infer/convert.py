@@ -1,0 +1,40 @@
+"""Converts a checkpoint between formats; the source format is detected.
+
+  python -m infer.convert --src DIR --dst DIR [--to orbax|hf|native] [--dtype float32|bfloat16|float16]
+
+Sources: a transformers directory (config.json + model.safetensors or shards with an index), a Mistral
+native directory (params.json + consolidated.safetensors) or one of ours (orbax). `--to orbax` (default)
+writes ours; `--to hf` exports what MistralForCausalLM.from_pretrained loads (sharded at 5 GB).
+Conversion streams tensor by tensor: host memory stays near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from mistral_jax import checkpoint
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m infer.convert", description=__doc__.split("\n")[0])
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--to", default="orbax", choices=["orbax", "hf", "native"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: keep the source's")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size of an hf export")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    src_fmt = checkpoint.detect_format(args.src)
+    config = checkpoint.convert(args.src, args.dst, to=args.to, dtype=args.dtype,
+                                max_shard_bytes=args.max_shard_gb * 1e9, overwrite=args.overwrite)
+    print(f"converted {args.src} ({src_fmt}) -> {args.dst} ({args.to}, {config.param_dtype}): "
+          f"{config.num_params / 1e6:.1f}M params, {config.n_layers} layers, window {config.sliding_window}, "
+          f"in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

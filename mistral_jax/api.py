@@ -1,0 +1,121 @@
+"""Loading a model for inference, shared by the command-line tools and notebooks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from . import checkpoint
+from .config import DTYPES, MistralConfig
+from .tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: MistralConfig
+    params: Any
+    tokenizer: Tokenizer | None
+
+
+def find_tokenizer(checkpoint_dir: str, tokenizer: str | None = None) -> Tokenizer | None:
+    """`tokenizer` when given, else `tokenizer.model` beside the weights, else None."""
+    if tokenizer:
+        return Tokenizer.from_file(tokenizer)
+    path = os.path.join(checkpoint_dir, "tokenizer.model")
+    return Tokenizer.from_file(path) if os.path.exists(path) else None
+
+
+def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, shardings=None,
+               **config_overrides) -> LoadedModel:
+    """Loads our orbax checkpoint, a transformers directory or a Mistral native directory.
+
+    `dtype` sets both the stored and the compute dtype; `shardings` (a param-shaped tree of shardings,
+    see sharding.py) places each tensor directly on its devices."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    config = checkpoint.load_config(path, param_dtype=dtype, dtype=dtype, **config_overrides)
+    if callable(shardings):
+        shardings = shardings(config)
+    params = checkpoint.load_params(path, config, dtype=dtype, shardings=shardings)
+    return LoadedModel(config, params, find_tokenizer(path, tokenizer))
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Turns on JAX's persistent compilation cache (default ~/.cache/mistral_jax/xla, or
+    $MISTRAL_JAX_CACHE), so a second run of the same job does not compile again. Returns the directory."""
+    import jax
+
+    path = path or os.environ.get("MISTRAL_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mistral_jax", "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+class CompileTimer:
+    """Adds up the seconds JAX spends tracing and compiling (its monitoring events), so the tools can
+    report throughput with compilation excluded."""
+
+    def __init__(self):
+        import jax
+
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **_):
+        if event.startswith("/jax/core/compile/") or event.startswith("/jax/compilation_cache/cache_retrieval"):
+            self.seconds += duration
+
+
+class Mistral:
+    """A loaded model for notebooks: load once, then generate from strings, chat messages or ids.
+
+        m = Mistral.load("checkpoints/my-model")            # ours, or a transformers directory
+        m.generate("The capital of France is", max_new_tokens=20)[0].text
+        m.generate([[{"role": "user", "content": "Hi"}]], temperature=0.7, seed=1)
+        for piece in m.stream("Once upon a time"): print(piece, end="")
+    """
+
+    def __init__(self, loaded: LoadedModel, batch_size: int = 8, place=None):
+        from .generate import Generator
+
+        self.config, self.params, self.tokenizer = loaded.config, loaded.params, loaded.tokenizer
+        self.generator = Generator(self.params, self.config, self.tokenizer, batch_size=batch_size, place=place)
+
+    @classmethod
+    def load(cls, path: str, dtype: str = "float32", tokenizer: str | None = None, batch_size: int = 8,
+             **config_overrides) -> "Mistral":
+        enable_compilation_cache()
+        return cls(load_model(path, dtype, tokenizer, **config_overrides), batch_size=batch_size)
+
+    def encode_prompt(self, prompt) -> list[int]:
+        """str -> BOS + text; list of {"role", "content"} -> chat format; list of ints -> as given."""
+        if isinstance(prompt, str):
+            return self._tok().encode(prompt, bos=True)
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            return self._tok().encode_chat(list(prompt))
+        return [int(i) for i in prompt]
+
+    def _tok(self):
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.model: pass tokenizer=PATH, or give token ids")
+        return self.tokenizer
+
+    def generate(self, prompts, **sampling):
+        """prompts: one prompt or a list (str, chat messages, or ids); sampling: SamplingParams fields.
+        Returns a list of generate.Completion (text set when a tokenizer is known)."""
+        from .generate import SamplingParams
+
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (dict, int))):
+            prompts = [prompts]
+        ids = [self.encode_prompt(p) for p in prompts]
+        return self.generator.generate(ids, SamplingParams(**sampling))
+
+    def stream(self, prompt, steps_per_call: int = 8, **sampling):
+        """Yields the text of one completion as it is produced."""
+        from .generate import SamplingParams
+
+        return self.generator.stream(self.encode_prompt(prompt), SamplingParams(**sampling), steps_per_call)
