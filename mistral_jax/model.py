@@ -14,6 +14,7 @@ to mesh axes); activations are constrained by logical names at block boundaries.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -28,6 +29,60 @@ from .rope import apply_rope
 Params = dict[str, Any]
 
 _init = nn.initializers.normal(stddev=0.02)
+
+# LoRA targets by the transformers names that PEFT uses, mapped to our param names.
+LORA_TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Low-rank adapters on the chosen projections: W x + (alpha / rank) * B(A(dropout(x))).
+
+    A [in..., r] starts random, B [r, out...] starts at zero, so step 0 equals the base model."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+        unknown = set(self.targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose among {list(LORA_TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def covers(self, name: str) -> bool:
+        return any(LORA_TARGETS[t] == name for t in self.targets)
+
+
+def _project(module: nn.Module, name: str, x, w, eq: str, n_in: int, in_axes, out_axes):
+    """einsum(eq, x, w) plus, when the module's LoRA spec covers `name`, the adapter branch.
+
+    w's first `n_in` axes contract with x's last `n_in`; adapters live in the 'lora' collection as
+    `{name}_a` [in..., r] and `{name}_b` [r, out...] (layers stacked like the params)."""
+    dt = jnp.dtype(module.config.dtype)
+    y = jnp.einsum(eq, x, w.astype(dt))
+    spec = module.lora
+    if spec is None or not spec.covers(name):
+        return y
+    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+    kaiming = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(n_in)),
+                                               out_axis=-1)
+    a = module.variable("lora", f"{name}_a", nn.with_logical_partitioning(kaiming, (*in_axes, None)),
+                        module.make_rng("params") if module.is_initializing() else None,
+                        (*in_shape, spec.rank), jnp.float32).value
+    b = module.variable("lora", f"{name}_b", nn.with_logical_partitioning(nn.initializers.zeros, (None, *out_axes)),
+                        None, (spec.rank, *out_shape), jnp.float32).value
+    if spec.dropout > 0 and module.has_rng("dropout"):
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - spec.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+    h = jnp.tensordot(x, a.astype(dt), axes=n_in)
+    return y + jnp.tensordot(h, b.astype(dt), axes=1) * jnp.asarray(spec.scale, dt)
 
 
 def _param(module: nn.Module, name: str, shape, axes, init=_init):
@@ -50,6 +105,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     config: MistralConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache=None, cache_pos=None):
@@ -64,9 +120,9 @@ class Attention(nn.Module):
         wv = _param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"))
         wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"))
 
-        q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dt))
-        kk = jnp.einsum("btd,dkh->btkh", x, wk.astype(dt))
-        vv = jnp.einsum("btd,dkh->btkh", x, wv.astype(dt))
+        q = _project(self, "wq", x, wq, "btd,dnh->btnh", 1, ("embed",), ("heads", "head_dim"))
+        kk = _project(self, "wk", x, wk, "btd,dkh->btkh", 1, ("embed",), ("kv_heads", "head_dim"))
+        vv = _project(self, "wv", x, wv, "btd,dkh->btkh", 1, ("embed",), ("kv_heads", "head_dim"))
         q = apply_rope(q, positions, c.rope_theta)
         kk = apply_rope(kk, positions, c.rope_theta)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
@@ -79,7 +135,7 @@ class Attention(nn.Module):
         else:
             out, new_cache = _cached_attention(q, kk, vv, positions, segment_ids, cache, cache_pos,
                                                c.sliding_window)
-        out = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
+        out = _project(self, "wo", out, wo, "btnh,nhd->btd", 2, ("heads", "head_dim"), ("embed",))
         return out, new_cache
 
 
@@ -118,31 +174,32 @@ def _cached_attention(q, k, v, positions, segment_ids, cache, cache_pos, window)
 
 class FeedForward(nn.Module):
     config: MistralConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        dt = jnp.dtype(c.dtype)
         w1 = _param(self, "w1", (c.dim, c.hidden_dim), ("embed", "mlp"))
         w3 = _param(self, "w3", (c.dim, c.hidden_dim), ("embed", "mlp"))
         w2 = _param(self, "w2", (c.hidden_dim, c.dim), ("mlp", "embed"))
-        gate = jnp.einsum("btd,df->btf", x, w1.astype(dt))
-        up = jnp.einsum("btd,df->btf", x, w3.astype(dt))
+        gate = _project(self, "w1", x, w1, "btd,df->btf", 1, ("embed",), ("mlp",))
+        up = _project(self, "w3", x, w3, "btd,df->btf", 1, ("embed",), ("mlp",))
         hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("btf,fd->btd", hidden, w2.astype(dt))
+        return _project(self, "w2", hidden, w2, "btf,fd->btd", 1, ("mlp",), ("embed",))
 
 
 class Block(nn.Module):
     """One layer; `nn.scan` stacks these. Signature (carry, xs, *broadcast) -> (carry, ys) for the scan."""
 
     config: MistralConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x, cache, positions, segment_ids, cache_pos):
-        attn, new_cache = Attention(self.config, name="attention")(
+        attn, new_cache = Attention(self.config, self.lora, name="attention")(
             RMSNorm(self.config, name="attention_norm")(x), positions, segment_ids, cache, cache_pos)
         h = x + attn
-        out = h + FeedForward(self.config, name="feed_forward")(RMSNorm(self.config, name="ffn_norm")(h))
+        out = h + FeedForward(self.config, self.lora, name="feed_forward")(RMSNorm(self.config, name="ffn_norm")(h))
         out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
         return out, new_cache
 
@@ -155,6 +212,7 @@ _REMAT_POLICIES = {
 
 class Transformer(nn.Module):
     config: MistralConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache=None, logits_at=None):
@@ -182,12 +240,12 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
         layers = nn.scan(
             block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, name="layers")
+        )(c, self.lora, name="layers")
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         cache_pos = None if cache is None else cache["pos"]
         x, new_kv = layers(x, kv, positions, segment_ids, cache_pos)
@@ -254,10 +312,50 @@ def param_logical_axes(config: MistralConfig) -> Params:
 
 
 def apply(params: Params, config: MistralConfig, tokens, positions=None, segment_ids=None, cache=None,
-          logits_at=None):
-    """Functional forward: see Transformer.__call__. Pure, so jit and grad apply directly."""
-    return Transformer(config).apply({"params": _to_flax(params)}, tokens, positions, segment_ids, cache,
-                                     logits_at)
+          logits_at=None, lora: Params | None = None, lora_spec: LoraSpec | None = None, dropout_rng=None):
+    """Functional forward: see Transformer.__call__. Pure, so jit and grad apply directly.
+
+    `lora` (from init_lora) with its `lora_spec` adds the adapters; `dropout_rng` turns on LoRA dropout."""
+    variables = {"params": _to_flax(params)}
+    if lora is not None:
+        if lora_spec is None:
+            raise ValueError("apply: lora params given without their lora_spec")
+        variables["lora"] = lora
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    return Transformer(config, lora_spec if lora is not None else None).apply(
+        variables, tokens, positions, segment_ids, cache, logits_at, rngs=rngs)
+
+
+def init_lora(config: MistralConfig, spec: LoraSpec, rng) -> Params:
+    """LoRA adapters {'layers': {'attention': {'wq_a': [L, D, r], 'wq_b': [L, r, N, H], ...}, ...}}, f32.
+
+    Only the adapters are computed (the base params' initialisers are dead code that jit removes)."""
+    model = Transformer(config, spec)
+    fn = jax.jit(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32))["lora"]))
+    return fn(rng)
+
+
+def lora_logical_axes(config: MistralConfig, spec: LoraSpec) -> Params:
+    model = Transformer(config, spec)
+    boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32))["lora"], jax.random.key(0))
+    return jax.tree.map(lambda p: tuple(p.names), boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def merge_lora(params: Params, lora: Params, spec: LoraSpec) -> Params:
+    """Folds the adapters into the base weights: W + scale * A @ B, in the base weights' dtype."""
+    out = jax.tree.map(lambda x: x, params)
+    for group, mods in lora["layers"].items():
+        for key in mods:
+            if not key.endswith("_a"):
+                continue
+            name = key[:-2]
+            a, b = mods[name + "_a"], mods[name + "_b"]
+            w = params["layers"][group][name]
+            n_in = a.ndim - 2  # a is [L, in..., r]
+            delta = jnp.einsum(a, [0, *range(1, n_in + 1), 99], b, [0, 99, *range(n_in + 1, w.ndim)],
+                               [0, *range(1, w.ndim)])
+            out["layers"][group][name] = (w.astype(jnp.float32) + spec.scale * delta).astype(w.dtype)
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
