@@ -79,11 +79,12 @@ class Mistral:
         for piece in m.stream("Once upon a time"): print(piece, end="")
     """
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 8, place=None):
+    def __init__(self, loaded: LoadedModel, batch_size: int = 8, place=None, **generator_kw):
         from .generate import Generator
 
         self.config, self.params, self.tokenizer = loaded.config, loaded.params, loaded.tokenizer
-        self.generator = Generator(self.params, self.config, self.tokenizer, batch_size=batch_size, place=place)
+        self.generator = Generator(self.params, self.config, self.tokenizer, batch_size=batch_size, place=place,
+                                   **generator_kw)
 
     @classmethod
     def load(cls, path: str, dtype: str = "float32", tokenizer: str | None = None, batch_size: int = 8,

@@ -1,0 +1,144 @@
+"""Resumable batch generation over a JSONL file.
+
+  python -m infer.generate --checkpoint DIR --input F.jsonl --output F.jsonl [--tokenizer PATH]
+      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR ...]
+      [--batch-size B] [--dtype float32|bfloat16|float16]
+
+Input rows: {"id", "prompt": str} (BOS added), {"id", "messages": [...]} (the tokenizer's chat format) or
+{"id", "prompt_ids": [int]} (as given); a row may also carry "seed". Output rows, in input order:
+{"id", "completion", "completion_ids", "finish_reason", "prompt_tokens", "completion_tokens"}. Output is
+appended and flushed per batch: re-running the same command skips ids already written. A bad row becomes
+{"id", "error"} and the job goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+from mistral_jax import api, jsonl
+from mistral_jax.generate import SamplingParams
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="our checkpoint, or a transformers / Mistral directory")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--tokenizer", help="sentencepiece model (default: tokenizer.model in the checkpoint)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0, help="default seed of rows that carry none")
+    p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return p.parse_args(argv)
+
+
+def done_ids(path: str) -> set:
+    """Ids already in the output file (a torn last line from a crash is ignored and rewritten)."""
+    ids = set()
+    if not os.path.exists(path):
+        return ids
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    good = []
+    for line in lines:
+        try:
+            ids.add(json.dumps(json.loads(line)["id"]))
+            good.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    if len(good) != len([x for x in lines if x.strip()]):  # drop the torn tail so appends stay valid JSONL
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("".join(x + "\n" for x in good))
+    return ids
+
+
+def prompt_of(row: jsonl.Row, model: api.Mistral, path: str):
+    """(ids, None) or (None, error) for one input row."""
+    where = f"{path}:{row.line}"
+    if row.error:
+        return None, row.error
+    d = row.data
+    try:
+        if "prompt_ids" in d:
+            ids = d["prompt_ids"]
+        elif "prompt" in d:
+            if not isinstance(d["prompt"], str):
+                return None, f"{where}: 'prompt' must be a string"
+            ids = model.encode_prompt(d["prompt"])
+        elif "messages" in d:
+            if not isinstance(d["messages"], list) or not d["messages"]:
+                return None, f"{where}: 'messages' must be a non-empty list"
+            ids = model.encode_prompt(d["messages"])
+        else:
+            return None, f"{where}: row has none of 'prompt', 'messages', 'prompt_ids'"
+    except ValueError as e:
+        return None, f"{where}: {e}"
+    err = jsonl.check_ids(ids, model.config.vocab_size, model.config.max_seq_len, where)
+    return (None, err) if err else (list(ids), None)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop))
+    api.enable_compilation_cache()
+    timer = api.CompileTimer()
+    t_start = time.perf_counter()
+    model = api.Mistral(api.load_model(args.checkpoint, args.dtype, args.tokenizer), batch_size=args.batch_size)
+    if args.stop and model.tokenizer is None:
+        print("error: --stop needs a tokenizer", file=sys.stderr)
+        return 2
+    load_s = time.perf_counter() - t_start
+    skip = done_ids(args.output)
+    rows = [r for r in jsonl.read_jsonl(args.input) if json.dumps(r.id) not in skip]
+    if skip:
+        print(f"resuming: {len(skip)} ids already in {args.output}, {len(rows)} rows to go", file=sys.stderr)
+
+    n_rows = n_err = n_tokens = 0
+    t_gen = time.perf_counter()
+    compile_before = timer.seconds
+    with open(args.output, "a", encoding="utf-8") as out, tqdm(total=len(rows), desc="generate", unit="row") as bar:
+        for start in range(0, len(rows), args.batch_size):
+            batch = rows[start:start + args.batch_size]
+            parsed = [prompt_of(r, model, args.input) for r in batch]
+            good = [i for i, (ids, _) in enumerate(parsed) if ids is not None]
+            sampling = [base if not isinstance(batch[i].data.get("seed"), int) else
+                        SamplingParams(**{**base.__dict__, "seed": batch[i].data["seed"]}) for i in good]
+            comps = dict(zip(good, model.generator.generate([parsed[i][0] for i in good], sampling))) if good else {}
+            for i, (row, (ids, err)) in enumerate(zip(batch, parsed)):
+                if err:
+                    print(f"error: {err}", file=sys.stderr)
+                    jsonl.write_row(out, {"id": row.id, "error": err})
+                    n_err += 1
+                    continue
+                c = comps[i]
+                jsonl.write_row(out, {"id": row.id, "completion": c.text, "completion_ids": c.ids,
+                                      "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                                      "completion_tokens": c.completion_tokens})
+                n_rows += 1
+                n_tokens += c.completion_tokens
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(batch))
+            run_s = max(time.perf_counter() - t_gen - (timer.seconds - compile_before), 1e-9)
+            bar.set_postfix(tok_s=f"{n_tokens / run_s:.1f}")
+    total = time.perf_counter() - t_start
+    gen_s = max(time.perf_counter() - t_gen - (timer.seconds - compile_before), 1e-9)
+    print(f"rows: {n_rows} generated, {n_err} errors; tokens: {n_tokens}; "
+          f"{n_tokens / gen_s:.1f} tokens/s excluding compilation; compile {timer.seconds:.1f}s; "
+          f"load {load_s:.1f}s; total {total:.1f}s")
+    return 0 if n_rows or not n_err else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Batched generation: chunked prefill into the KV cache, then one compiled `lax.while_loop` that decodes
+until every row has stopped (no Python call per token).
+
+Shapes are bucketed (batching.py): the batch is padded to `batch_size` rows, prompts to a power-of-two
+length, `max_new_tokens` to a power of two, so a job of many prompts compiles a handful of programs.
+Rows are right-padded; each row carries its own absolute positions, so RoPE and the window are exact for
+every row whatever its length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import model as model_lib
+from .batching import bucket_length, pad_rows
+from .config import MistralConfig
+from .kv_cache import init_cache, num_slots
+from .sampling import sample
+
+EOS_ID = 2
+_REASONS = {1: "stop", 2: "length"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # 1.0 = off
+    seed: int = 0                     # per row: a fixed seed gives the same text on every run and batch size
+    stop_token_ids: tuple[int, ...] | None = None   # None: the tokenizer's EOS
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass
+class Completion:
+    ids: list[int]                    # generated tokens, without the stop token
+    finish_reason: str                # "stop" | "length"
+    prompt_tokens: int
+    text: str | None = None           # when a tokenizer is known; cut before a stop string
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.ids)
+
+
+# ---- pure, jitted pieces ---------------------------------------------------------------------------------
+
+def prefill(params, config: MistralConfig, tokens, lengths, cache, chunk: int):
+    """tokens [B, T] right-padded, lengths [B] -> (logits of each row's last prompt token [B, V], cache).
+
+    Prompts longer than `chunk` are prefilled chunk by chunk (a scan); each chunk attends (cache, chunk)
+    and is then written into the rolling buffer, so the cache never holds more than its slots."""
+    b, t = tokens.shape
+    c = min(chunk, t)
+    n = t // c
+    chunks = tokens.reshape(b, n, c).transpose(1, 0, 2)
+
+    def step(cache, i):
+        start = i * c
+        pos = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
+        seg = (pos < lengths[:, None]).astype(jnp.int32)
+        at = jnp.clip(lengths - 1 - start, 0, c - 1)
+        logits, cache = model_lib.apply(params, config, chunks[i], pos, seg, cache, logits_at=at)
+        return cache, logits[:, 0]
+
+    cache, logits = jax.lax.scan(step, cache, jnp.arange(n))
+    last = jnp.clip((lengths - 1) // c, 0, n - 1)
+    return logits[last, jnp.arange(b)], cache
+
+
+def decode(params, config: MistralConfig, state, max_steps):
+    """Runs the decode loop for at most `max_steps` tokens or until every row is done.
+
+    state: cache, logits [B, V] (next-token logits), out [B, M], n [B] (tokens generated), pos [B] (position
+    of the next token fed), done [B], reason [B] (1 stop, 2 length), and per-row settings seeds,
+    temperature, top_k, top_p, max_new [B], stop_ids [B, NS] (-1 padded)."""
+    b = state["n"].shape[0]
+    rows = jnp.arange(b)
+
+    def cond(carry):
+        i, st = carry
+        return (i < max_steps) & jnp.any(~st["done"])
+
+    def body(carry):
+        i, st = carry
+        active = ~st["done"]
+        tok = sample(st["logits"], st["seeds"], st["n"], st["temperature"], st["top_k"], st["top_p"])
+        out = st["out"].at[rows, st["n"]].set(jnp.where(active, tok, 0), mode="drop")
+        n = st["n"] + active
+        is_stop = active & jnp.any(tok[:, None] == st["stop_ids"], axis=-1)
+        is_len = active & ~is_stop & (n >= st["max_new"])
+        reason = jnp.where(is_stop, 1, jnp.where(is_len, 2, st["reason"]))
+        done = st["done"] | is_stop | is_len
+
+        def forward(_):
+            seg = (~done).astype(jnp.int32)[:, None]
+            logits, cache = model_lib.apply(params, config, tok[:, None], st["pos"][:, None], seg, st["cache"])
+            return logits[:, 0], cache
+
+        logits, cache = jax.lax.cond(jnp.any(~done), forward, lambda _: (st["logits"], st["cache"]), None)
+        new = dict(st, cache=cache, logits=logits, out=out, n=n, done=done, reason=reason,
+                   pos=st["pos"] + (~done))
+        return i + 1, new
+
+    _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    return state
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(config: MistralConfig, chunk: int):
+    pre = jax.jit(functools.partial(prefill, config=config, chunk=chunk), donate_argnames=("cache",))
+    dec = jax.jit(functools.partial(decode, config=config), donate_argnames=("state",))
+    return pre, dec
+
+
+# ---- host driver -----------------------------------------------------------------------------------------
+
+class Generator:
+    """Generates from token-id prompts in batches; see api.Mistral for strings and chat messages."""
+
+    def __init__(self, params, config: MistralConfig, tokenizer=None, batch_size: int = 8,
+                 prefill_chunk: int = 512, place: Callable | None = None, cache_slots: int | None = None,
+                 fetch: Callable | None = None, make_cache: Callable | None = None):
+        self.params, self.config, self.tokenizer = params, config, tokenizer
+        # None: the rolling buffer of min(W, length) slots. A larger value keeps more (a full-length cache
+        # when >= prompt + new tokens); the window rule still applies through the mask, so tokens agree.
+        self.cache_slots = cache_slots
+        self.last_cache_shape: tuple[int, ...] | None = None
+        self.batch_size = batch_size
+        self.prefill_chunk = prefill_chunk
+        self.place = place  # optional: puts host batch arrays on a mesh (sharding.py)
+        # Optional mesh hooks (sharding.ModelMesh): outputs to host from every process, the cache made sharded.
+        self.fetch = fetch or jax.device_get
+        self.make_cache = make_cache or init_cache
+        self.eos_id = tokenizer.eos_id if tokenizer is not None else EOS_ID
+
+    def check_prompt(self, ids) -> str | None:
+        from .jsonl import check_ids
+        return check_ids(ids, self.config.vocab_size, self.config.max_seq_len, "prompt")
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
+                 on_update: Callable[[int, Completion], None] | None = None,
+                 steps_per_call: int | None = None) -> list[Completion]:
+        """Completions for `prompts` (lists of ids), in order. `sampling` is one setting or one per prompt.
+
+        `on_update(i, partial_completion)` is called after each compiled call of `steps_per_call` tokens
+        (streaming); stop strings are also checked there (default: 16 tokens per call when needed)."""
+        if isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(sampling)} sampling settings")
+        for i, p in enumerate(prompts):
+            err = self.check_prompt(list(p))
+            if err:
+                raise ValueError(f"prompt {i}: {err}")
+        results: list[Completion | None] = [None] * len(prompts)
+        for start in range(0, len(prompts), self.batch_size):
+            idx = list(range(start, min(start + self.batch_size, len(prompts))))
+            for j, comp in zip(idx, self._batch([list(prompts[j]) for j in idx], [sampling[j] for j in idx],
+                                                None if on_update is None else
+                                                (lambda k, c, _idx=idx: on_update(_idx[k], c)),
+                                                steps_per_call)):
+                results[j] = comp
+        return results
+
+    def _batch(self, prompts, sampling, on_update, steps_per_call):
+        c, bs = self.config, self.batch_size
+        n = len(prompts)
+        lengths_list = [len(p) for p in prompts]
+        # Never generate past the model's context (the cache of an unwindowed model is sized by it).
+        max_new = [min(s.max_new_tokens, c.max_seq_len - L) for s, L in zip(sampling, lengths_list)]
+        t = bucket_length(max(lengths_list), c.max_seq_len)
+        chunk = min(self.prefill_chunk, t)
+        t = -(-t // chunk) * chunk
+        m = bucket_length(max(max_new), 1 << 30)
+        slots = self.cache_slots or num_slots(c, t + m)
+        tokens, lengths = pad_rows(prompts, bs, t)
+
+        stop_lists = [list(s.stop_token_ids) if s.stop_token_ids is not None else [self.eos_id] for s in sampling]
+        ns = max(1, max(len(x) for x in stop_lists))
+        stop_ids = np.full((bs, ns), -1, np.int32)
+        for i, x in enumerate(stop_lists):
+            stop_ids[i, : len(x)] = x
+
+        def per_row(values, fill, dtype):
+            arr = np.full((bs,), fill, dtype)
+            arr[:n] = values
+            return arr
+
+        pre, dec = _compiled(c, chunk)
+        cache = self.make_cache(c, bs, slots)
+        self.last_cache_shape = tuple(cache["k"].shape)
+        host = dict(tokens=tokens, lengths=lengths)
+        if self.place is not None:
+            host = self.place(host)
+        logits, cache = pre(self.params, tokens=host["tokens"], lengths=host["lengths"], cache=cache)
+        state = dict(
+            cache=cache, logits=logits, out=jnp.zeros((bs, m), jnp.int32),
+            n=jnp.zeros((bs,), jnp.int32), pos=jnp.asarray(lengths),
+            done=jnp.asarray(np.arange(bs) >= n), reason=jnp.zeros((bs,), jnp.int32),
+            seeds=jnp.asarray(per_row([s.seed for s in sampling], 0, np.uint32)),
+            temperature=jnp.asarray(per_row([s.temperature for s in sampling], 0.0, np.float32)),
+            top_k=jnp.asarray(per_row([s.top_k for s in sampling], 0, np.int32)),
+            top_p=jnp.asarray(per_row([s.top_p for s in sampling], 1.0, np.float32)),
+            max_new=jnp.asarray(per_row(max_new, 1, np.int32)),
+            stop_ids=jnp.asarray(stop_ids),
+        )
+        need_host = on_update is not None or any(s.stop_strings for s in sampling)
+        step = steps_per_call or (16 if need_host else m)
+        cut: dict[int, tuple[list[int], str]] = {}  # rows stopped by a stop string: (ids, text)
+        while True:
+            state = dec(self.params, state=state, max_steps=jnp.int32(step))
+            out, cnt, done, reason = self.fetch((state["out"], state["n"], state["done"], state["reason"]))
+            if need_host:
+                newly_done = []
+                for i in range(n):
+                    if i in cut:
+                        continue
+                    comp = self._completion(out[i], cnt[i], reason[i], lengths_list[i], stop_lists[i])
+                    hit = self._stop_string(comp, sampling[i].stop_strings)
+                    if hit is not None:
+                        cut[i] = hit
+                        if not done[i]:
+                            newly_done.append(i)
+                        comp.ids, comp.text, comp.finish_reason = hit[0], hit[1], "stop"
+                    if on_update is not None:
+                        on_update(i, comp)
+                if newly_done:
+                    d = np.array(done)
+                    d[newly_done] = True
+                    state["done"] = jnp.asarray(d)
+                    done = d
+            if done[:n].all():
+                break
+        comps = []
+        for i in range(n):
+            comp = self._completion(out[i], cnt[i], reason[i], lengths_list[i], stop_lists[i])
+            if i in cut:
+                comp.ids, comp.text, comp.finish_reason = cut[i][0], cut[i][1], "stop"
+            comps.append(comp)
+        return comps
+
+    def _completion(self, out_row, count, reason, prompt_len, stop_ids) -> Completion:
+        ids = [int(x) for x in out_row[:count]]
+        finish = _REASONS.get(int(reason), "length")
+        if finish == "stop" and ids and ids[-1] in stop_ids:
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
+        return Completion(ids=ids, finish_reason=finish, prompt_tokens=prompt_len, text=text)
+
+    def _stop_string(self, comp: Completion, stops) -> tuple[list[int], str] | None:
+        """(ids through the token that completes the first stop string, text cut before it), or None."""
+        if not stops or comp.text is None:
+            return None
+        hits = [comp.text.find(s) for s in stops if s and s in comp.text]
+        if not hits:
+            return None
+        pos = min(hits)
+        for k in range(1, len(comp.ids) + 1):
+            if len(self.tokenizer.decode(comp.ids[:k])) > pos:
+                return comp.ids[:k], comp.text[:pos]
+        return comp.ids, comp.text[:pos]
+
+    def stream(self, prompt: Sequence[int], sampling: SamplingParams = SamplingParams(),
+               steps_per_call: int = 8) -> Iterator[str]:
+        """Yields the text of one completion as it is produced, `steps_per_call` tokens per compiled call."""
+        if self.tokenizer is None:
+            raise ValueError("streaming text needs a tokenizer")
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue()
+        sent = [""]
+
+        def on_update(_, comp):
+            if comp.text is not None and len(comp.text) > len(sent[0]) and comp.text.startswith(sent[0]):
+                q.put(comp.text[len(sent[0]):])
+                sent[0] = comp.text
+
+        def run():
+            try:
+                self.generate([prompt], sampling, on_update=on_update, steps_per_call=steps_per_call)
+            except BaseException as e:  # re-raised in the consumer
+                q.put(e)
+            q.put(None)
+
+        threading.Thread(target=run, daemon=True).start()
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
