@@ -2,7 +2,8 @@
 
   python -m infer.generate --checkpoint DIR --input F.jsonl --output F.jsonl [--tokenizer PATH]
       [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR ...]
-      [--batch-size B] [--dtype float32|bfloat16|float16]
+      [--batch-size B] [--dtype float32|bfloat16|float16] [--mesh SPEC]
+      [--coordinator HOST:PORT --num-processes N --process-id I]   (docs/scaling.md)
 
 Input rows: {"id", "prompt": str} (BOS added), {"id", "messages": [...]} (the tokenizer's chat format) or
 {"id", "prompt_ids": [int]} (as given); a row may also carry "seed". Output rows, in input order:
@@ -21,7 +22,7 @@ import time
 
 from tqdm import tqdm
 
-from mistral_jax import api, jsonl
+from mistral_jax import api, distributed, jsonl, launch, memory_plan
 from mistral_jax.generate import SamplingParams
 
 
@@ -37,8 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     p.add_argument("--seed", type=int, default=0, help="default seed of rows that carry none")
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS (benchmarks)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    launch.add_args(p)
     return p.parse_args(argv)
 
 
@@ -90,16 +93,27 @@ def prompt_of(row: jsonl.Row, model: api.Mistral, path: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop))
+                          top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
+                          stop_token_ids=() if args.ignore_eos else None)
+    # Mesh, model-divides check and memory plan (KV cache for prompt + completion up to max_seq_len), before
+    # any weight is read.
+    mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(
+        c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="generate"))
+    args.batch_size = launch.batch_size(args.batch_size, mm)
     api.enable_compilation_cache()
     timer = api.CompileTimer()
     t_start = time.perf_counter()
-    model = api.Mistral(api.load_model(args.checkpoint, args.dtype, args.tokenizer), batch_size=args.batch_size)
+    model = api.Mistral(api.load_model(args.checkpoint, args.dtype, args.tokenizer, shardings=mm.param_shardings),
+                        batch_size=args.batch_size, place=mm.place, fetch=mm.fetch, make_cache=mm.make_cache)
     if args.stop and model.tokenizer is None:
         print("error: --stop needs a tokenizer", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - t_start
-    skip = done_ids(args.output)
+    # Every process must skip the same ids: process 0 repairs a torn tail first, the others read after it.
+    skip = done_ids(args.output) if distributed.is_main() else set()
+    distributed.barrier("infer.generate.resume")
+    if not distributed.is_main():
+        skip = done_ids(args.output)
     rows = [r for r in jsonl.read_jsonl(args.input) if json.dumps(r.id) not in skip]
     if skip:
         print(f"resuming: {len(skip)} ids already in {args.output}, {len(rows)} rows to go", file=sys.stderr)
@@ -107,7 +121,8 @@ def main(argv=None) -> int:
     n_rows = n_err = n_tokens = 0
     t_gen = time.perf_counter()
     compile_before = timer.seconds
-    with open(args.output, "a", encoding="utf-8") as out, tqdm(total=len(rows), desc="generate", unit="row") as bar:
+    with open(distributed.output_path(args.output), "a", encoding="utf-8") as out, \
+            tqdm(total=len(rows), desc="generate", unit="row") as bar, mm.activate():
         for start in range(0, len(rows), args.batch_size):
             batch = rows[start:start + args.batch_size]
             parsed = [prompt_of(r, model, args.input) for r in batch]
@@ -128,7 +143,8 @@ def main(argv=None) -> int:
                 n_rows += 1
                 n_tokens += c.completion_tokens
             out.flush()
-            os.fsync(out.fileno())
+            if distributed.is_main():  # the others write to os.devnull, which fsync refuses
+                os.fsync(out.fileno())
             bar.update(len(batch))
             run_s = max(time.perf_counter() - t_gen - (timer.seconds - compile_before), 1e-9)
             bar.set_postfix(tok_s=f"{n_tokens / run_s:.1f}")

@@ -109,12 +109,11 @@ def decode(params, config: MistralConfig, state, max_steps):
         reason = jnp.where(is_stop, 1, jnp.where(is_len, 2, st["reason"]))
         done = st["done"] | is_stop | is_len
 
-        def forward(_):
-            seg = (~done).astype(jnp.int32)[:, None]
-            logits, cache = model_lib.apply(params, config, tok[:, None], st["pos"][:, None], seg, st["cache"])
-            return logits[:, 0], cache
-
-        logits, cache = jax.lax.cond(jnp.any(~done), forward, lambda _: (st["logits"], st["cache"]), None)
+        # Always one forward per step, also after the last row finished: a lax.cond here would make XLA
+        # copy its operands (the whole params) into the branch at every step.
+        seg = (~done).astype(jnp.int32)[:, None]
+        logits, cache = model_lib.apply(params, config, tok[:, None], st["pos"][:, None], seg, st["cache"])
+        logits = logits[:, 0]
         new = dict(st, cache=cache, logits=logits, out=out, n=n, done=done, reason=reason,
                    pos=st["pos"] + (~done))
         return i + 1, new

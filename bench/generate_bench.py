@@ -1,0 +1,197 @@
+"""Inference benchmark: this project against transformers (PyTorch, CPU) on the same random 125M Mistral.
+
+  python bench/generate_bench.py [--quick]
+
+Prints, in one run:
+  1. a whole batch job (32 prompts of 65-192 tokens, 64 new greedy tokens, batch 8) as whole processes,
+     load and compile included: `python -m infer.generate` (cold compile cache, then warm) against a
+     transformers script doing the same; tokens/s and the ratio;
+  2. decode tokens/s at batch 1, 8 and 32 for both, and batch-1 decode as a fraction of this machine's
+     memory-bandwidth ceiling (weight + KV-cache bytes read per token over a measured read bandwidth).
+Config: dim 768, 12 layers, 12 heads, 4 KV heads, head_dim 64, ffn 2048, vocab 32000, window 256, f32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HF_CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=4, head_dim=64, sliding_window=256,
+                 max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False)
+NEW = 64
+
+HF_JOB = r"""
+import json, sys, time, torch
+t0 = time.perf_counter()
+from transformers import MistralForCausalLM
+model = MistralForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
+rows = [json.loads(x) for x in open(sys.argv[2])]
+n_tok = 0
+for s in range(0, len(rows), 8):
+    batch = [r["prompt_ids"] for r in rows[s:s + 8]]
+    width = max(map(len, batch))
+    ids = torch.tensor([[0] * (width - len(b)) + b for b in batch])
+    mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64,
+                             do_sample=False, pad_token_id=0)
+    n_tok += (out.shape[1] - width) * len(batch)
+print(json.dumps({"tokens": n_tok, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def make_model(path):
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**HF_CONFIG)).float().eval()
+    model.save_pretrained(path)
+    return model
+
+
+def run_process(cmd, env=None):
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+    if res.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    return time.perf_counter() - t0, res.stdout
+
+
+def whole_job(tmp, hf_dir):
+    rng = np.random.default_rng(0)
+    rows = [{"id": i, "prompt_ids": [1] + rng.integers(3, 32000, int(n) - 1).tolist()}
+            for i, n in enumerate(rng.integers(65, 193, 32))]
+    inp = os.path.join(tmp, "prompts.jsonl")
+    with open(inp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    results = {}
+    cache = os.path.join(tmp, "xla-cache")
+    for label in ("cold", "warm"):
+        out = os.path.join(tmp, f"out-{label}.jsonl")
+        secs, _ = run_process([sys.executable, "-m", "infer.generate", "--checkpoint", hf_dir, "--input", inp,
+                               "--output", out, "--max-new-tokens", str(NEW), "--batch-size", "8",
+                               "--ignore-eos"], env={"MISTRAL_JAX_CACHE": cache})
+        n_tok = sum(json.loads(x)["completion_tokens"] for x in open(out))
+        results[label] = (n_tok, secs)
+    script = os.path.join(tmp, "hf_job.py")
+    with open(script, "w") as f:
+        f.write(HF_JOB)
+    secs, stdout = run_process([sys.executable, script, hf_dir, inp])
+    results["transformers"] = (json.loads(stdout.strip().splitlines()[-1])["tokens"], secs)
+    return results
+
+
+def read_bandwidth():
+    """Bytes/s of a jitted reduction over a 1 GiB float32 array (the best of several runs)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((2**28,), jnp.float32)
+    f = jax.jit(lambda a: jnp.sum(a))
+    f(x).block_until_ready()
+    best = min(_timeit(lambda: f(x).block_until_ready()) for _ in range(5))
+    return x.nbytes / best
+
+
+def _timeit(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decode_rates(hf_dir, hf_model, batches, steps):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from mistral_jax import checkpoint, generate
+    from mistral_jax.kv_cache import init_cache
+
+    config = checkpoint.load_config(hf_dir)
+    params = checkpoint.load_params(hf_dir, config)
+    rng = np.random.default_rng(1)
+    ours, theirs = {}, {}
+    for b in batches:
+        prompts = rng.integers(3, 32000, (b, 128)).astype(np.int32)
+        pre, dec = generate._compiled(config, 512)
+
+        def state_after_prefill():
+            cache = init_cache(config, b, config.sliding_window)
+            logits, cache = pre(params, tokens=jnp.asarray(prompts), lengths=jnp.full((b,), 128, jnp.int32),
+                                cache=cache)
+            z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
+            return dict(cache=cache, logits=logits, out=jnp.zeros((b, steps), jnp.int32), n=z(0), pos=z(128),
+                        done=z(False, bool), reason=z(0), seeds=z(0, jnp.uint32), temperature=z(0.0, jnp.float32),
+                        top_k=z(0), top_p=z(1.0, jnp.float32), max_new=z(steps), stop_ids=jnp.full((b, 1), -1))
+
+        jax.block_until_ready(dec(params, state=state_after_prefill(), max_steps=jnp.int32(steps)))  # compile
+        times = []
+        for _ in range(3):
+            st = jax.block_until_ready(state_after_prefill())
+            t0 = time.perf_counter()
+            jax.block_until_ready(dec(params, state=st, max_steps=jnp.int32(steps)))
+            times.append(time.perf_counter() - t0)
+        ours[b] = b * steps / min(times)
+
+        ids = torch.tensor(prompts.astype(np.int64))
+        with torch.no_grad():
+            def hf(n):
+                t0 = time.perf_counter()
+                hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
+                return time.perf_counter() - t0
+            hf(2)
+            t_full = min(hf(steps + 1) for _ in range(2))
+            t_pre = min(hf(1) for _ in range(2))
+        theirs[b] = b * steps / max(t_full - t_pre, 1e-9)
+    return config, ours, theirs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="skip the batch-32 decode")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = os.path.join(tmp, "hf")
+        hf_model = make_model(hf_dir)
+        job = whole_job(tmp, hf_dir)
+        batches = [1, 8] if args.quick else [1, 8, 32]
+        config, ours, theirs = decode_rates(hf_dir, hf_model, batches, NEW)
+        bw = read_bandwidth()
+
+    print(f"machine: {os.cpu_count()} CPU cores; torch {torch.__version__}")
+    print("\n1. whole batch job: 32 prompts of 65-192 tokens, 64 new greedy tokens, batch 8 (whole processes)")
+    hf_rate = job["transformers"][0] / job["transformers"][1]
+    for label in ("cold", "warm", "transformers"):
+        n, s = job[label]
+        name = {"cold": "mistral-jax (cold compile cache)", "warm": "mistral-jax (warm compile cache)"}.get(label, label)
+        print(f"   {name:36s} {n} tokens in {s:6.1f}s = {n / s:6.1f} tok/s   ratio {n / s / hf_rate:4.2f}x")
+
+    print("\n2. decode tokens/s (prompt 128, 64 greedy steps, compile excluded)")
+    for b in batches:
+        print(f"   batch {b:2d}: mistral-jax {ours[b]:7.1f}   transformers {theirs[b]:7.1f}   ratio {ours[b] / theirs[b]:4.2f}x")
+    # Bytes read per batch-1 decode step: every weight but the embedding table (one row is gathered), and
+    # the KV cache (window slots, keys and values, every layer).
+    weight_bytes = (config.num_params - config.vocab_size * config.dim) * 4
+    kv_bytes = 2 * config.n_layers * config.sliding_window * config.n_kv_heads * config.head_dim * 4
+    ceiling = bw / (weight_bytes + kv_bytes)
+    print(f"\n   read bandwidth (jitted 1 GiB reduction): {bw / 1e9:.1f} GB/s; bytes per batch-1 token: "
+          f"{(weight_bytes + kv_bytes) / 1e6:.0f} MB; ceiling {ceiling:.1f} tok/s")
+    print(f"   batch-1 decode: {ours[1]:.1f} tok/s = {100 * ours[1] / ceiling:.0f}% of the bandwidth ceiling")
+
+
+if __name__ == "__main__":
+    main()
