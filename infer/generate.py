@@ -6,7 +6,8 @@
       [--coordinator HOST:PORT --num-processes N --process-id I]   (docs/scaling.md)
 
 Input rows: {"id", "prompt": str} (BOS added), {"id", "messages": [...]} (the tokenizer's chat format) or
-{"id", "prompt_ids": [int]} (as given); a row may also carry "seed". Output rows, in input order:
+{"id", "prompt_ids": [int]} (as given); a row may also carry its own "seed" (default: derived from --seed
+and the id). Output rows, in input order:
 {"id", "completion", "completion_ids", "finish_reason", "prompt_tokens", "completion_tokens"}. Output is
 appended and flushed per batch: re-running the same command skips ids already written. A bad row becomes
 {"id", "error"} and the job goes on.
@@ -15,7 +16,9 @@ appended and flushed per batch: re-running the same command skips ids already wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import zlib
 import os
 import sys
 import time
@@ -63,6 +66,14 @@ def done_ids(path: str) -> set:
         with open(path, "w", encoding="utf-8") as f:
             f.write("".join(x + "\n" for x in good))
     return ids
+
+
+def row_seed(row: jsonl.Row, seed: int) -> int:
+    """The row's own "seed", else one derived from --seed and the row id: reproducible whatever the batch
+    size or the resume point, and different rows draw different samples."""
+    if isinstance(row.data.get("seed"), int):
+        return row.data["seed"] % 2**32
+    return zlib.crc32(f"{seed}:{json.dumps(row.id)}".encode())
 
 
 def prompt_of(row: jsonl.Row, model: api.Mistral, path: str):
@@ -127,8 +138,7 @@ def main(argv=None) -> int:
             batch = rows[start:start + args.batch_size]
             parsed = [prompt_of(r, model, args.input) for r in batch]
             good = [i for i, (ids, _) in enumerate(parsed) if ids is not None]
-            sampling = [base if not isinstance(batch[i].data.get("seed"), int) else
-                        SamplingParams(**{**base.__dict__, "seed": batch[i].data["seed"]}) for i in good]
+            sampling = [dataclasses.replace(base, seed=row_seed(batch[i], args.seed)) for i in good]
             comps = dict(zip(good, model.generator.generate([parsed[i][0] for i in good], sampling))) if good else {}
             for i, (row, (ids, err)) in enumerate(zip(batch, parsed)):
                 if err:

@@ -19,11 +19,16 @@ class LoadedModel:
 
 
 def find_tokenizer(checkpoint_dir: str, tokenizer: str | None = None) -> Tokenizer | None:
-    """`tokenizer` when given, else `tokenizer.model` beside the weights, else None."""
+    """`tokenizer` when given, else `tokenizer.model` beside the weights (or `tokenizer.model.v*`, as
+    Mistral's own repositories name it), else None."""
     if tokenizer:
         return Tokenizer.from_file(tokenizer)
-    path = os.path.join(checkpoint_dir, "tokenizer.model")
-    return Tokenizer.from_file(path) if os.path.exists(path) else None
+    names = sorted(f for f in os.listdir(checkpoint_dir) if f.startswith("tokenizer.model"))
+    if "tokenizer.model" in names:
+        names = ["tokenizer.model"]
+    if len(names) > 1:
+        raise ValueError(f"{checkpoint_dir}: several tokenizer files {names}; choose one with --tokenizer")
+    return Tokenizer.from_file(os.path.join(checkpoint_dir, names[0])) if names else None
 
 
 def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, shardings=None,

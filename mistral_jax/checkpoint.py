@@ -503,7 +503,8 @@ def _copy_tokenizer(dst: str, tokenizer: str | None) -> None:
             if os.path.isfile(os.path.join(tokenizer, f)):
                 shutil.copy2(os.path.join(tokenizer, f), os.path.join(dst, f))
     elif os.path.isfile(tokenizer):
-        shutil.copy2(tokenizer, os.path.join(dst, os.path.basename(tokenizer)))
+        # Saved under the name the loaders look for, whatever the source file is called (tokenizer.model.v3...).
+        shutil.copy2(tokenizer, os.path.join(dst, "tokenizer.model"))
     else:
         raise FileNotFoundError(f"tokenizer file not found: {tokenizer}")
 
