@@ -6,7 +6,9 @@ import dataclasses
 import os
 from typing import Any
 
-from . import checkpoint
+import jax
+
+from . import checkpoint, model
 from .config import DTYPES, MistralConfig
 from .tokenizer import Tokenizer
 
@@ -32,8 +34,12 @@ def find_tokenizer(checkpoint_dir: str, tokenizer: str | None = None) -> Tokeniz
 
 
 def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, shardings=None,
-               **config_overrides) -> LoadedModel:
-    """Loads our orbax checkpoint, a transformers directory or a Mistral native directory.
+               layers: str = "auto", **config_overrides) -> LoadedModel:
+    """Loads our orbax checkpoint, a transformers directory or a Mistral native directory, for inference.
+
+    `layers`: "scan" keeps the stacked layers; "unrolled" splits them per layer (model.unstack_params),
+    which decodes about twice as fast on the CPU, where XLA copies a layer's weights out of the stack before
+    each matmul; "auto" (default) unrolls on the CPU only. Training keeps the stacked form.
 
     `dtype` sets both the stored and the compute dtype; `shardings` (a param-shaped tree of shardings,
     see sharding.py) places each tensor directly on its devices."""
@@ -43,6 +49,12 @@ def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, 
     if callable(shardings):
         shardings = shardings(config)
     params = checkpoint.load_params(path, config, dtype=dtype, shardings=shardings)
+    if layers == "auto":
+        layers = "unrolled" if jax.default_backend() == "cpu" else "scan"
+    if layers == "unrolled":
+        params, config = model.unstack_params(params, config)
+    elif layers != "scan":
+        raise ValueError(f"layers must be 'auto', 'scan' or 'unrolled', got {layers!r}")
     return LoadedModel(config, params, find_tokenizer(path, tokenizer))
 
 

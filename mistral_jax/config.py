@@ -38,6 +38,10 @@ class MistralConfig:
     attention_impl: str = "xla"
     # Query block for the windowed blockwise attention; keys visited per block = block + window rounded up.
     attention_block: int = 256
+    # True: layers stacked and run by nn.scan (one layer compiled; training and accelerators). False: layers
+    # unrolled over per-layer params (model.unstack_params); inference uses it on the CPU, where XLA copies
+    # each layer's weights out of a stacked array before every matmul (three passes over the weights).
+    scan_layers: bool = True
 
     def __post_init__(self):
         def bad(msg):

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import dot_attention, make_mask, self_attention
+from .attention import dot_attention_split, make_mask, self_attention
 from .config import MistralConfig
 from .rope import apply_rope
 
@@ -108,10 +108,10 @@ class Attention(nn.Module):
     lora: LoraSpec | None = None
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None, cache_pos=None):
-        """x [B, T, D] -> [B, T, D]. With `cache` ({'k','v'}: [B, S, K, H]) and `cache_pos` [B, S] (absolute
-        position held by each slot, -1 when empty), the queries attend (cache, new tokens) and the new keys
-        are then written at slot `position % S`; returns (out, new_cache)."""
+    def __call__(self, x, positions, segment_ids, cache=None, layer=None, cache_pos=None):
+        """x [B, T, D] -> ([B, T, D], cache). With `cache` ({'k','v'}: [L, B, S, K, H], all layers, updated in
+        place at index `layer`) and `cache_pos` [B, S] (absolute position held by each slot, -1 when empty),
+        the queries attend (cache, new tokens) and the new keys are then written at slot `position % S`."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         d, n, k, h = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
@@ -133,7 +133,7 @@ class Attention(nn.Module):
             out = self_attention(q, kk, vv, positions, segment_ids, c.sliding_window, c.attention_block)
             new_cache = None
         else:
-            out, new_cache = _cached_attention(q, kk, vv, positions, segment_ids, cache, cache_pos,
+            out, new_cache = _cached_attention(q, kk, vv, positions, segment_ids, cache, layer, cache_pos,
                                                c.sliding_window)
         out = _project(self, "wo", out, wo, "btnh,nhd->btd", 2, ("heads", "head_dim"), ("embed",))
         return out, new_cache
@@ -151,24 +151,21 @@ def cache_write_slots(positions, segment_ids, num_slots: int):
     return jnp.where(keep, positions % num_slots, num_slots).astype(jnp.int32)
 
 
-def _scatter_rows(buf, slots, new):
-    """buf [B, S, ...], slots [B, T], new [B, T, ...] -> buf with new written at slots (out of range dropped)."""
-    return jax.vmap(lambda b, s, x: b.at[s].set(x, mode="drop"))(buf, slots, new)
-
-
-def _cached_attention(q, k, v, positions, segment_ids, cache, cache_pos, window):
+def _cached_attention(q, k, v, positions, segment_ids, cache, layer, cache_pos, window):
     # Attend over (cache, chunk) before writing the chunk: a chunk position must see the W-1 positions
-    # before it, some of which the chunk itself would overwrite in a rolling buffer.
-    keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
-    vals = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
+    # before it, some of which the chunk itself would overwrite in a rolling buffer. The two key sets are
+    # scored separately and share one softmax, so the cache is never copied into a concatenation.
+    ck = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False)  # [B, S, K, H]
+    cv = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
     valid_new = (segment_ids != 0).astype(jnp.int32)
-    k_pos = jnp.concatenate([cache_pos, positions], axis=1)
-    k_seg = jnp.concatenate([(cache_pos >= 0).astype(jnp.int32), valid_new], axis=1)
-    mask = make_mask(positions, k_pos, valid_new, k_seg, window)
-    out = dot_attention(q, keys.astype(q.dtype), vals.astype(q.dtype), mask)
-    slots = cache_write_slots(positions, segment_ids, cache["k"].shape[1])
-    new_cache = {"k": _scatter_rows(cache["k"], slots, k.astype(cache["k"].dtype)),
-                 "v": _scatter_rows(cache["v"], slots, v.astype(cache["v"].dtype))}
+    mask_cache = make_mask(positions, cache_pos, valid_new, (cache_pos >= 0).astype(jnp.int32), window)
+    mask_new = make_mask(positions, positions, valid_new, valid_new, window)
+    out = dot_attention_split(q, (ck.astype(q.dtype), k), (cv.astype(q.dtype), v), (mask_cache, mask_new))
+    b = q.shape[0]
+    slots = cache_write_slots(positions, segment_ids, cache["k"].shape[2])
+    rows = jnp.arange(b)[:, None]
+    new_cache = {"k": cache["k"].at[layer, rows, slots].set(k.astype(cache["k"].dtype), mode="drop"),
+                 "v": cache["v"].at[layer, rows, slots].set(v.astype(cache["v"].dtype), mode="drop")}
     return out, new_cache
 
 
@@ -189,19 +186,21 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One layer; `nn.scan` stacks these. Signature (carry, xs, *broadcast) -> (carry, ys) for the scan."""
+    """One layer; `nn.scan` stacks these. The carry is (x, cache): the cache of all layers rides along and is
+    updated in place at index `layer`, so a decode step never copies it."""
 
     config: MistralConfig
     lora: LoraSpec | None = None
 
     @nn.compact
-    def __call__(self, x, cache, positions, segment_ids, cache_pos):
-        attn, new_cache = Attention(self.config, self.lora, name="attention")(
-            RMSNorm(self.config, name="attention_norm")(x), positions, segment_ids, cache, cache_pos)
+    def __call__(self, carry, layer, positions, segment_ids, cache_pos):
+        x, cache = carry
+        attn, cache = Attention(self.config, self.lora, name="attention")(
+            RMSNorm(self.config, name="attention_norm")(x), positions, segment_ids, cache, layer, cache_pos)
         h = x + attn
         out = h + FeedForward(self.config, self.lora, name="feed_forward")(RMSNorm(self.config, name="ffn_norm")(h))
         out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
-        return out, new_cache
+        return (out, cache), None
 
 
 _REMAT_POLICIES = {
@@ -238,17 +237,23 @@ class Transformer(nn.Module):
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
-        layers = nn.scan(
-            block,
-            variable_axes={"params": 0, "lora": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.n_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.lora, name="layers")
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         cache_pos = None if cache is None else cache["pos"]
-        x, new_kv = layers(x, kv, positions, segment_ids, cache_pos)
+        if c.scan_layers:
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0, "lora": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, self.lora, name="layers")
+            (x, new_kv), _ = layers((x, kv), jnp.arange(c.n_layers), positions, segment_ids, cache_pos)
+        else:
+            carry = (x, kv)
+            for i in range(c.n_layers):
+                carry, _ = block(c, self.lora, name=f"layers_{i}")(carry, i, positions, segment_ids, cache_pos)
+            x, new_kv = carry
 
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
@@ -262,7 +267,8 @@ class Transformer(nn.Module):
         if cache is None:
             return logits
         slots = cache_write_slots(positions, segment_ids, cache["pos"].shape[1])
-        new_pos = _scatter_rows(cache["pos"], slots, positions.astype(cache["pos"].dtype))
+        rows = jnp.arange(b)[:, None]
+        new_pos = cache["pos"].at[rows, slots].set(positions.astype(cache["pos"].dtype), mode="drop")
         return logits, {"k": new_kv["k"], "v": new_kv["v"], "pos": new_pos}
 
 
@@ -272,6 +278,10 @@ _TOP_RENAMES = {"embedding": ("tok_embeddings", "embedding"), "kernel": ("output
 
 
 def _to_public(tree):
+    if "layers_0" in tree:
+        n = sum(1 for k in tree if k.startswith("layers_"))
+        tree = {k: v for k, v in tree.items() if not k.startswith("layers_")} | {
+            "layers": tuple(tree[f"layers_{i}"] for i in range(n))}
     out = {k: v for k, v in tree.items() if k not in _TOP_RENAMES}
     for k, (mod, leaf) in _TOP_RENAMES.items():
         if k in tree:
@@ -281,6 +291,9 @@ def _to_public(tree):
 
 def _to_flax(params):
     out = {k: v for k, v in params.items() if k not in ("tok_embeddings", "output")}
+    if isinstance(params.get("layers"), (list, tuple)):  # unstacked (scan_layers=False)
+        del out["layers"]
+        out.update({f"layers_{i}": layer for i, layer in enumerate(params["layers"])})
     out["embedding"] = params["tok_embeddings"]["embedding"]
     if "output" in params:
         out["kernel"] = params["output"]["kernel"]
@@ -316,6 +329,10 @@ def apply(params: Params, config: MistralConfig, tokens, positions=None, segment
     """Functional forward: see Transformer.__call__. Pure, so jit and grad apply directly.
 
     `lora` (from init_lora) with its `lora_spec` adds the adapters; `dropout_rng` turns on LoRA dropout."""
+    unstacked = isinstance(params.get("layers"), (list, tuple))
+    if unstacked == config.scan_layers:
+        raise ValueError(f"apply: params have {'per-layer' if unstacked else 'stacked'} layers but config.scan_layers "
+                         f"is {config.scan_layers}; see unstack_params")
     variables = {"params": _to_flax(params)}
     if lora is not None:
         if lora_spec is None:
@@ -324,6 +341,23 @@ def apply(params: Params, config: MistralConfig, tokens, positions=None, segment
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return Transformer(config, lora_spec if lora is not None else None).apply(
         variables, tokens, positions, segment_ids, cache, logits_at, rngs=rngs)
+
+
+def unstack_params(params: Params, config: MistralConfig) -> tuple[Params, MistralConfig]:
+    """Stacked layers [L, ...] -> a tuple of L per-layer trees, and the config with scan_layers=False.
+
+    Leaf by leaf, deleting each stacked array once split, so memory peaks near one copy plus one leaf."""
+    if isinstance(params["layers"], (list, tuple)):
+        return params, config.replace(scan_layers=False)
+    leaves, treedef = jax.tree.flatten(params["layers"])
+    per_layer = [[] for _ in range(config.n_layers)]
+    for leaf in leaves:
+        for i in range(config.n_layers):
+            per_layer[i].append(leaf[i])
+        if isinstance(leaf, jax.Array):
+            leaf.delete()
+    layers = tuple(jax.tree.unflatten(treedef, xs) for xs in per_layer)
+    return {**params, "layers": layers}, config.replace(scan_layers=False)
 
 
 def init_lora(config: MistralConfig, spec: LoraSpec, rng) -> Params:
