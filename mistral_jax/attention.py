@@ -116,3 +116,41 @@ def self_attention(q, k, v, positions, segment_ids, window: int | None, block: i
     out = jax.lax.map(one_block, xs, batch_size=group)  # [nb, B, C, N, H]
     out = jnp.moveaxis(out, 0, 1).reshape(b, nb * c, *q.shape[2:])
     return out[:, :t]
+
+
+def fused_self_attention(q, k, v, positions, segment_ids, window: int | None, implementation: str):
+    """Self-attention through `jax.nn.dot_product_attention` (implementation "cudnn" on GPU; "xla" runs the
+    same arguments anywhere, which is how CPU tests check them).
+
+    Its causal and window masks are aligned on array indices (top left), so this path requires what holds
+    for self-attention over right-padded or packed rows: positions rise by one along each segment, so index
+    distance equals position distance. W keys including its own: local_window_size=(W-1, 0), always with
+    is_causal=True. Padding (segment 0) and packed segments go in as a boolean mask."""
+    b, t = segment_ids.shape
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], is_causal=True,
+        local_window_size=None if window is None else (window - 1, 0),
+        implementation=implementation)
+
+
+def splash_self_attention(q, k, v, positions, segment_ids, window: int | None):
+    """TPU: Pallas splash attention with CausalMask & LocalMask((W-1, 0)), GQA as one multi-query kernel
+    per KV group, segment ids for padding and packing. Runs on TPU only."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    shape = (t, t)
+    m = sm.CausalMask(shape)
+    if window is not None:
+        m = m & sm.LocalMask(shape, (window - 1, 0), offset=0)
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([m] * (n // kh)))
+    seg = sk.SegmentIds(q=segment_ids, kv=segment_ids)
+    # [B, T, N, H] -> per batch row and KV group: q [G, T, H], k/v [T, H].
+    qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4) / math.sqrt(h)
+    kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    per_group = jax.vmap(kernel, in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_group, in_axes=(0, 0, 0, 0))(qg, kg, vg, seg)  # [B, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)

@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import dot_attention_split, make_mask, self_attention
+from .attention import (dot_attention_split, fused_self_attention, make_mask, self_attention,
+                        splash_self_attention)
 from .config import MistralConfig
 from .rope import apply_rope
 
@@ -130,7 +131,12 @@ class Attention(nn.Module):
         vv = nn.with_logical_constraint(vv, ("batch", "length", "kv_heads", "head_dim"))
 
         if cache is None:
-            out = self_attention(q, kk, vv, positions, segment_ids, c.sliding_window, c.attention_block)
+            if c.attention_impl == "cudnn":
+                out = fused_self_attention(q, kk, vv, positions, segment_ids, c.sliding_window, "cudnn")
+            elif c.attention_impl == "splash":
+                out = splash_self_attention(q, kk, vv, positions, segment_ids, c.sliding_window)
+            else:
+                out = self_attention(q, kk, vv, positions, segment_ids, c.sliding_window, c.attention_block)
             new_cache = None
         else:
             out, new_cache = _cached_attention(q, kk, vv, positions, segment_ids, cache, layer, cache_pos,

@@ -77,3 +77,21 @@ def test_windowed_memory_is_linear():
     assert t8 < 2.5 * t4, (t4, t8)
     # And it is far below what a dense T x T attention needs at T=8192 (sanity check of the measure).
     assert t8 < _temp_bytes(8192, None) / 10
+
+
+@pytest.mark.parametrize("w", [None, 1, 6])
+def test_fused_path_arguments_match_blockwise(w):
+    # The cuDNN path's arguments (is_causal, local_window_size=(W-1, 0), segment mask), run through the
+    # XLA implementation of the same jax.nn.dot_product_attention, against our blockwise path.
+    from mistral_jax.attention import fused_self_attention
+
+    rng = np.random.default_rng(3)
+    t = 40
+    q, k, v = _rand_qkv(rng, 2, t, 4, 2, 8)
+    pos = np.stack([np.where(np.arange(t) < 31, np.arange(t), 0), np.concatenate([np.arange(15), np.arange(25)])])
+    seg = np.stack([(np.arange(t) < 31).astype(int), np.repeat([1, 2], [15, 25])])
+    pos, seg = jnp.asarray(pos, jnp.int32), jnp.asarray(seg, jnp.int32)
+    got = fused_self_attention(q, k, v, pos, seg, w, "xla")
+    want = self_attention(q, k, v, pos, seg, w, block=8)
+    valid = np.asarray(seg)[:, :, None, None] != 0
+    np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=2e-6)
