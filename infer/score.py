@@ -1,7 +1,8 @@
 """Per-token log-probabilities and perplexity of a JSONL file.
 
   python -m infer.score --checkpoint DIR --input F.jsonl --output F.jsonl [--tokenizer PATH]
-                        [--dtype float32|bfloat16|float16] [--batch-size N]
+                        [--dtype float32|bfloat16|float16] [--batch-size N] [--mesh SPEC]
+                        [--coordinator HOST:PORT --num-processes N --process-id I]   (docs/scaling.md)
 
 Input rows: {"id", "text"} (tokenized with BOS) or {"id", "ids": [...]} (used as given). Output rows, in
 input order: {"id", "token_logprobs": [log p(x_t | x_<t), t = 1..n-1], "nll" (sum over those tokens),
@@ -17,7 +18,7 @@ import time
 
 from tqdm import tqdm
 
-from mistral_jax import api, jsonl, scoring
+from mistral_jax import api, distributed, jsonl, launch, memory_plan, scoring
 
 CHUNK = 1024  # rows scored (and written) at a time, so a huge file streams
 
@@ -30,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="sentencepiece model (default: tokenizer.model in the checkpoint)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=8)
+    launch.add_args(p)
     return p.parse_args(argv)
 
 
@@ -55,15 +57,20 @@ def row_ids(row: jsonl.Row, tok, vocab_size: int, max_len: int, path: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Mesh, model-divides check and memory plan (rows up to max_seq_len), before any weight is read.
+    mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(
+        c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="score"))
+    batch_size = launch.batch_size(args.batch_size, mm)
     t0 = time.perf_counter()
-    m = api.load_model(args.checkpoint, args.dtype, args.tokenizer)
+    m = api.load_model(args.checkpoint, args.dtype, args.tokenizer, shardings=mm.param_shardings)
     c = m.config
     print(f"loaded {args.checkpoint}: {c.num_params / 1e6:.1f}M params, {args.dtype}, "
           f"window {c.sliding_window}, in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
     total_nll, total_tokens, n_ok, n_err = 0.0, 0, 0, 0
     rows = jsonl.read_jsonl(args.input)
-    with open(args.output, "w", encoding="utf-8") as out, tqdm(desc="score", unit="row") as bar:
+    with open(distributed.output_path(args.output), "w", encoding="utf-8") as out, \
+            tqdm(desc="score", unit="row") as bar, mm.activate():
         while True:
             chunk = [r for _, r in zip(range(CHUNK), rows)]
             if not chunk:
@@ -71,7 +78,8 @@ def main(argv=None) -> int:
             parsed = [row_ids(r, m.tokenizer, c.vocab_size, c.max_seq_len, args.input) for r in chunk]
             good = [i for i, (ids, _) in enumerate(parsed) if ids is not None]
             results = {}
-            for j, lp in scoring.score(m.params, c, [parsed[i][0] for i in good], args.batch_size):
+            for j, lp in scoring.score(m.params, c, [parsed[i][0] for i in good], batch_size,
+                                         place=mm.place, fetch=mm.fetch):
                 results[good[j]] = lp
                 bar.update(1)
             for i, (row, (ids, err)) in enumerate(zip(chunk, parsed)):

@@ -33,12 +33,12 @@ def _jitted(config: MistralConfig):
 
 
 def score(params, config: MistralConfig, rows: Sequence[Sequence[int]], batch_size: int,
-          place=None) -> Iterator[tuple[int, np.ndarray]]:
+          place=None, fetch=None) -> Iterator[tuple[int, np.ndarray]]:
     """Yields (row index, log-probs [len-1]) for every row, in order of length (short first).
 
     Rows are sorted by length so a batch shares one length bucket; batches always hold `batch_size` rows,
     so the number of compiled programs is the number of buckets used. `place(tokens, lengths)` may put
-    the host arrays on a mesh (sharding.py)."""
+    the host arrays on a mesh and `fetch(lp)` bring the result back from every host (sharding.py)."""
     fn = _jitted(config)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for start in range(0, len(order), batch_size):
@@ -47,6 +47,7 @@ def score(params, config: MistralConfig, rows: Sequence[Sequence[int]], batch_si
         tokens, lengths = pad_rows([list(rows[i]) for i in idx], batch_size, length)
         if place is not None:
             tokens, lengths = place(tokens, lengths)
-        lp = np.asarray(fn(params, tokens=tokens, lengths=lengths))
+        lp = fn(params, tokens=tokens, lengths=lengths)
+        lp = np.asarray(lp if fetch is None else fetch(lp))  # fetch: gathers rows held by other hosts
         for j, i in enumerate(idx):
             yield i, lp[j, : len(rows[i]) - 1]

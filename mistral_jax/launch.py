@@ -1,0 +1,55 @@
+"""Start-up shared by the tools (infer.score, infer.generate, train.finetune): join the other hosts, build
+the mesh, check that the model divides over it and fits in memory, all before any weight is read.
+
+  p = argparse.ArgumentParser(); launch.add_args(p)          # --mesh and the multi-host flags
+  mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(c, mesh, ...))
+  model = api.load_model(args.checkpoint, dtype, shardings=mm.param_shardings)
+  batch_size = launch.batch_size(args.batch_size, mm)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from . import checkpoint, distributed, memory_plan, sharding
+from .config import MistralConfig
+
+
+def add_args(parser) -> None:
+    sharding.add_mesh_arg(parser)
+    distributed.add_args(parser)
+
+
+def start(args, checkpoint_path: str, plan: Callable[[MistralConfig, object], memory_plan.Plan] | None = None,
+          **config_overrides) -> sharding.ModelMesh:
+    """Joins the other processes, builds the mesh of `args.mesh`, prints its notes and the memory plan.
+
+    Exits with a one-line error (SystemExit) when the mesh does not fit the devices or the model, or when the
+    params, optimizer state and KV cache cannot fit the memory JAX reports for a device."""
+    distributed.initialize(args)
+    try:
+        mesh = sharding.make_mesh(getattr(args, "mesh", None))
+        config = checkpoint.load_config(checkpoint_path, **config_overrides)
+        mm = sharding.ModelMesh(mesh, config)
+        n = mesh.devices.size
+        if n < jax.device_count():
+            distributed.log(f"note: mesh {sharding.describe(mesh)} uses {n} of {jax.device_count()} devices")
+        for note in mm.notes:
+            distributed.log(f"note: {note}")
+        if plan is not None:
+            memory_plan.report(plan(config, mesh), print_fn=distributed.log)
+    except (sharding.ShardingError, memory_plan.MemoryPlanError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return mm
+
+
+def batch_size(requested: int, mm: sharding.ModelMesh) -> int:
+    """`requested` rounded up to a multiple of the data-parallel size, with a note when it changes (the tools
+    pad every batch to this size and drop the padding rows from the output)."""
+    size = mm.round_batch(requested)
+    if size != requested:
+        distributed.log(f"note: --batch-size {requested} rounded up to {size}, a multiple of the data-parallel "
+                        f"size data x fsdp = {mm.data_parallel_size}; padding rows are dropped from the output")
+    return size

@@ -1,0 +1,228 @@
+"""Per-device memory before compiling: params, optimizer state, KV cache, and a rough activation estimate.
+
+Everything is computed from the config and the mesh sizes alone, with the same specs sharding.py gives the
+real arrays, so `python -m infer.plan` can plan an 8-chip TPU job on a laptop. Params, optimizer state and
+the KV cache are exact (they are what the code allocates); activations are an estimate and only warn.
+
+Training assumptions (docs/scaling.md states them next to the table):
+  full  float32 master params + float32 gradients + AdamW mu and nu in float32: 16 bytes per param.
+  lora  frozen base params in the run dtype; the model's adapters (model.LoraSpec on every target: wq, wk,
+        wv, wo, w1, w2, w3) in float32 with their gradients and AdamW state: 16 bytes per adapter param.
+  Activations with remat "full": each layer's input is saved, one layer is recomputed at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from . import kv_cache
+from . import model as model_lib
+from . import sharding
+from .config import MistralConfig
+
+GiB = 2**30
+
+# Memory per device in bytes (HBM per chip; a TPU v5p chip is 2 TensorCores, so v5p-8 is 4 such devices).
+DEVICES: dict[str, int] = {
+    "h100": 80 * GiB,
+    "h200": 141 * 10**9,
+    "a100": 80 * GiB,
+    "v5e": 16 * GiB,
+    "v5p": 95 * GiB,
+    "v6e": 32 * GiB,
+    "v4": 32 * GiB,
+}
+
+# Row kinds; every kind but "activations" is exact and counts towards the refusal.
+KINDS = ("weights", "optimizer", "cache", "activations")
+
+
+class MemoryPlanError(RuntimeError):
+    """The job cannot fit: the message gives the plan and the device memory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    what: str
+    bytes: int     # per device
+    how: str       # how it was counted
+    kind: str      # one of KINDS
+
+
+@dataclasses.dataclass
+class Plan:
+    title: str
+    mesh: dict[str, int]
+    rows: list[Row]
+    notes: list[str]
+
+    def bytes_of(self, kind: str) -> int:
+        return sum(r.bytes for r in self.rows if r.kind == kind)
+
+    @property
+    def exact_bytes(self) -> int:
+        return sum(r.bytes for r in self.rows if r.kind != "activations")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+
+def _itemsize(dtype: str) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+def _sharded_bytes(shape, names, itemsize, mesh, rules) -> int:
+    return math.prod(sharding.shard_shape(shape, sharding.spec_for(names, rules), mesh)) * itemsize
+
+
+def param_bytes(config: MistralConfig, mesh, itemsize: int, rules) -> int:
+    """Per-device bytes of the param tree stored with `itemsize` bytes per element."""
+    axes = jax.tree.leaves(model_lib.param_logical_axes(config), is_leaf=sharding._is_names)
+    shapes = jax.tree.leaves(model_lib.param_shapes(config))
+    return sum(_sharded_bytes(s.shape, names, itemsize, mesh, rules) for names, s in zip(axes, shapes))
+
+
+def lora_bytes(config: MistralConfig, mesh, rank: int, rules) -> tuple[int, int]:
+    """(per-device bytes, total params) of the model's float32 LoRA adapters on every target, laid out by
+    the logical axes the model gives them."""
+    spec = model_lib.LoraSpec(rank=rank)
+    boxed = jax.eval_shape(lambda r: model_lib.Transformer(config, spec).init(
+        r, jnp.zeros((1, 1), jnp.int32))["lora"], jax.random.key(0))
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    per_device = sum(_sharded_bytes(p.value.shape, p.names, 4, mesh, rules) for p in leaves)
+    return per_device, sum(math.prod(p.value.shape) for p in leaves)
+
+
+def cache_bytes(config: MistralConfig, mesh, batch: int, slots: int, itemsize: int, rules) -> int:
+    c = config
+    kv = (c.n_layers, batch, slots, c.n_kv_heads, c.head_dim)
+    return (2 * _sharded_bytes(kv, sharding.CACHE_AXES["k"], itemsize, mesh, rules)
+            + _sharded_bytes((batch, slots), sharding.CACHE_AXES["pos"], 4, mesh, rules))
+
+
+def _split(n: int, ways: int) -> int:
+    return -(-n // ways)
+
+
+def inference(config: MistralConfig, mesh: Mapping[str, int] | jax.sharding.Mesh, dtype: str, batch: int,
+              total_len: int, kind: str = "generate") -> Plan:
+    """Plan for `infer.generate` (KV cache for `batch` rows of up to `total_len` tokens, prompt and
+    completion) or `infer.score` (no cache; logits of `batch` rows of `total_len` tokens). `batch` is rounded
+    up to the data-parallel size as the tools do."""
+    sizes = sharding.mesh_sizes(mesh)
+    rules, notes = sharding.rules_for(config, sizes)
+    batch = sharding.round_batch(batch, sizes)
+    rows = [Row("params", param_bytes(config, sizes, _itemsize(dtype), rules),
+                f"{config.num_params / 1e9:.2f}B x {dtype}", "weights")]
+    if kind == "generate":
+        slots = kv_cache.num_slots(config, total_len)
+        rows.append(Row("KV cache", cache_bytes(config, sizes, batch, slots, _itemsize(dtype), rules),
+                        f"batch {batch} x {slots} slots x {dtype}", "cache"))
+    else:
+        # token_logprobs holds the [B, T, V] float32 logits and one temporary of their size (logsumexp).
+        b = _split(batch, sharding.data_parallel_size(sizes))
+        rows.append(Row("logits (estimate)", 2 * b * total_len * _split(config.vocab_size, sizes["tensor"]) * 4,
+                        f"2 x f32 [{b}, {total_len}, vocab/tensor] per device", "activations"))
+    return Plan(f"{kind}, {dtype}, batch {batch} x {total_len} tokens", sizes, rows, notes)
+
+
+def training(config: MistralConfig, mesh: Mapping[str, int] | jax.sharding.Mesh, mode: str, batch: int,
+             seq_len: int, base_dtype: str = "bfloat16", compute_dtype: str = "bfloat16",
+             lora_rank: int = 16) -> Plan:
+    """Plan for full fine-tuning (`mode='full'`) or LoRA (`mode='lora'`), see the module docstring."""
+    if mode not in ("full", "lora"):
+        raise ValueError(f"mode must be 'full' or 'lora', got {mode!r}")
+    sizes = sharding.mesh_sizes(mesh)
+    rules, notes = sharding.rules_for(config, sizes)
+    batch = sharding.round_batch(batch, sizes)
+    n = f"{config.num_params / 1e9:.2f}B"
+    if mode == "full":
+        p32 = param_bytes(config, sizes, 4, rules)
+        rows = [Row("params (f32 master)", p32, f"{n} x 4 B", "weights"),
+                Row("gradients (f32)", p32, "laid out as the params", "optimizer"),
+                Row("AdamW mu + nu (f32)", 2 * p32, "laid out as the params", "optimizer")]
+    else:
+        a, n_adapter = lora_bytes(config, sizes, lora_rank, rules)
+        rows = [Row(f"params (frozen, {base_dtype})", param_bytes(config, sizes, _itemsize(base_dtype), rules),
+                    f"{n} x {_itemsize(base_dtype)} B", "weights"),
+                Row("LoRA adapters (f32)", a, f"rank {lora_rank}, {n_adapter / 1e6:.1f}M params", "weights"),
+                Row("adapter gradients (f32)", a, "", "optimizer"),
+                Row("AdamW mu + nu (f32)", 2 * a, "adapters only", "optimizer")]
+    c, t = config, sizes["tensor"]
+    cb = _itemsize(compute_dtype)
+    tokens = _split(batch, sharding.data_parallel_size(sizes)) * seq_len
+    kv = c.n_kv_heads if c.n_kv_heads % t else c.n_kv_heads // t
+    saved = c.n_layers * tokens * c.dim * cb                       # scan saves each layer's input
+    layer = tokens * (4 * c.dim + (c.n_heads // t + 2 * kv) * c.head_dim * 2 + 3 * _split(c.hidden_dim, t)) * cb
+    logits = 3 * tokens * _split(c.vocab_size, t) * 4                # f32 logits, softmax, their gradient
+    rows.append(Row("activations (estimate)", saved + layer + logits,
+                    f"remat full, {tokens} tokens per device", "activations"))
+    return Plan(f"{mode} fine-tuning, batch {batch} x {seq_len} tokens", sizes, rows, notes)
+
+
+def device_memory(devices=None) -> int | None:
+    """Bytes JAX may still allocate on a device (the smallest over the local devices), or None where the
+    backend does not say (CPU)."""
+    free = []
+    for d in devices if devices is not None else jax.local_devices():
+        try:
+            stats = d.memory_stats()
+        except Exception:  # some backends raise instead of returning None
+            stats = None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        free.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    return min(free) if free else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def verdict(plan: Plan, memory: int) -> str:
+    if plan.total_bytes <= memory:
+        return "fits"
+    if plan.exact_bytes > memory:
+        return "does not fit"
+    return "fits without activations; tight"
+
+
+def format_plan(plan: Plan, memory: int | None = None, memory_name: str = "") -> str:
+    lines = [f"memory plan per device: mesh {sharding.describe(plan.mesh)} "
+             f"({math.prod(plan.mesh.values())} devices), {plan.title}"]
+    for r in plan.rows:
+        lines.append(f"  {r.what:28s}{_gib(r.bytes):>12s}   {r.how}")
+    lines.append(f"  {'total':28s}{_gib(plan.total_bytes):>12s}")
+    if memory is None:
+        lines.append("  device memory: not reported by this backend (CPU), not checked")
+    else:
+        name = f"device memory{f' ({memory_name})' if memory_name else ''}"
+        lines.append(f"  {name:28s}{_gib(memory):>12s}   {verdict(plan, memory)}")
+    lines += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def check(plan: Plan, memory: int | None) -> None:
+    """MemoryPlanError when the exact part (params, optimizer state, KV cache) exceeds `memory`."""
+    if memory is not None and plan.exact_bytes > memory:
+        raise MemoryPlanError(
+            f"{plan.title} needs {_gib(plan.exact_bytes)} per device for params, optimizer state and KV cache "
+            f"on mesh {sharding.describe(plan.mesh)}, but a device has {_gib(memory)} free: use more devices "
+            "(fsdp or tensor), a smaller batch, or bfloat16\n" + format_plan(plan, memory))
+
+
+def report(plan: Plan, print_fn=print, devices=None) -> None:
+    """Prints the plan against the memory JAX reports for the local devices; MemoryPlanError when the exact
+    part cannot fit, a warning when the activation estimate tips it over."""
+    memory = device_memory(devices)
+    check(plan, memory)
+    print_fn(format_plan(plan, memory))
+    if memory is not None and plan.total_bytes > memory:
+        print_fn("warning: with the activation estimate the job may not fit; lower the batch size if it fails")
