@@ -213,7 +213,9 @@ class Generator:
         state = dict(
             cache=cache, logits=logits, out=jnp.zeros((bs, m), jnp.int32),
             n=jnp.zeros((bs,), jnp.int32), pos=jnp.asarray(lengths),
-            done=jnp.asarray(np.arange(bs) >= n), reason=jnp.zeros((bs,), jnp.int32),
+            # Padding rows, and prompts that already fill the context, start done.
+            done=jnp.asarray((np.arange(bs) >= n) | (per_row(max_new, 1, np.int32) <= 0)),
+            reason=jnp.asarray(np.where(per_row(max_new, 1, np.int32) <= 0, 2, 0).astype(np.int32)),
             seeds=jnp.asarray(per_row([s.seed for s in sampling], 0, np.uint32)),
             temperature=jnp.asarray(per_row([s.temperature for s in sampling], 0.0, np.float32)),
             top_k=jnp.asarray(per_row([s.top_k for s in sampling], 0, np.int32)),

@@ -179,3 +179,12 @@ def test_generate_job_resumes_and_reports_bad_rows(tok_model, tmp_path, monkeypa
     resumed = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in resumed] == ids  # every id exactly once, in input order
     assert resumed == full
+
+
+def test_generation_stops_at_the_context_length(tmp_path):
+    model, config, params = _load(tmp_path, sliding_window=8, max_position_embeddings=32)
+    prompts = _prompts(config.vocab_size, [32, 30])
+    outs = Generator(params, config, batch_size=2).generate(prompts, SamplingParams(max_new_tokens=10,
+                                                                                   stop_token_ids=()))
+    assert outs[0].ids == [] and outs[0].finish_reason == "length"
+    assert outs[1].ids == _hf_greedy(model, prompts[1], 2) and outs[1].finish_reason == "length"
