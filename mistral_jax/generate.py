@@ -20,7 +20,7 @@ import numpy as np
 from . import model as model_lib
 from .batching import bucket_length, pad_rows
 from .config import MistralConfig
-from .kv_cache import init_cache, num_slots
+from .kv_cache import cache_shape, init_cache, num_slots
 from .sampling import sample
 
 EOS_ID = 2
@@ -205,7 +205,7 @@ class Generator:
 
         pre, dec = _compiled(c, chunk)
         cache = self.make_cache(c, bs, slots)
-        self.last_cache_shape = tuple(cache["k"].shape)
+        self.last_cache_shape = cache_shape(cache)
         host = dict(tokens=tokens, lengths=lengths)
         if self.place is not None:
             host = self.place(host)

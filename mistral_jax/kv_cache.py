@@ -1,4 +1,6 @@
-"""The KV cache: a pytree {'k', 'v': [L, B, S, K, H], 'pos': [B, S]}.
+"""The KV cache: a pytree {'k', 'v': [L, B, S, K, H], 'pos': [B, S]}; with unrolled layers
+(config.scan_layers False) 'k' and 'v' are tuples of L arrays [B, S, K, H], so that each layer's update is
+in place in its own buffer (a scatter into one stacked array made XLA:CPU copy the whole cache per layer).
 
 For a windowed model the cache is a rolling buffer of S = min(W, max_total_len) slots: position p lives at
 slot p % S, so memory never grows past W however long the generation. Keys are rotated before they are
@@ -24,9 +26,19 @@ def num_slots(config: MistralConfig, max_total_len: int) -> int:
 
 def init_cache(config: MistralConfig, batch: int, slots: int, dtype=None):
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (config.n_layers, batch, slots, config.n_kv_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "pos": jnp.full((batch, slots), -1, jnp.int32)}
+    shape = (batch, slots, config.n_kv_heads, config.head_dim)
+    pos = jnp.full((batch, slots), -1, jnp.int32)
+    if not config.scan_layers:
+        layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
+        return {"k": layers(), "v": layers(), "pos": pos}
+    return {"k": jnp.zeros((config.n_layers, *shape), dtype), "v": jnp.zeros((config.n_layers, *shape), dtype),
+            "pos": pos}
+
+
+def cache_shape(cache) -> tuple[int, ...]:
+    """(L, B, S, K, H) of either layout."""
+    k = cache["k"]
+    return (len(k), *k[0].shape) if isinstance(k, (list, tuple)) else tuple(k.shape)
 
 
 def cache_bytes(config: MistralConfig, batch: int, slots: int, dtype=None) -> int:

@@ -161,17 +161,21 @@ def _cached_attention(q, k, v, positions, segment_ids, cache, layer, cache_pos, 
     # Attend over (cache, chunk) before writing the chunk: a chunk position must see the W-1 positions
     # before it, some of which the chunk itself would overwrite in a rolling buffer. The two key sets are
     # scored separately and share one softmax, so the cache is never copied into a concatenation.
-    ck = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False)  # [B, S, K, H]
-    cv = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
+    if layer is None:  # this layer's own buffers [B, S, K, H] (unrolled layers)
+        ck, cv = cache["k"], cache["v"]
+    else:  # all layers stacked [L, B, S, K, H] (scanned layers)
+        ck = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False)
+        cv = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
     valid_new = (segment_ids != 0).astype(jnp.int32)
     mask_cache = make_mask(positions, cache_pos, valid_new, (cache_pos >= 0).astype(jnp.int32), window)
     mask_new = make_mask(positions, positions, valid_new, valid_new, window)
     out = dot_attention_split(q, (ck.astype(q.dtype), k), (cv.astype(q.dtype), v), (mask_cache, mask_new))
     b = q.shape[0]
-    slots = cache_write_slots(positions, segment_ids, cache["k"].shape[2])
+    slots = cache_write_slots(positions, segment_ids, ck.shape[1])
     rows = jnp.arange(b)[:, None]
-    new_cache = {"k": cache["k"].at[layer, rows, slots].set(k.astype(cache["k"].dtype), mode="drop"),
-                 "v": cache["v"].at[layer, rows, slots].set(v.astype(cache["v"].dtype), mode="drop")}
+    at = (rows, slots) if layer is None else (layer, rows, slots)
+    new_cache = {"k": cache["k"].at[at].set(k.astype(cache["k"].dtype), mode="drop"),
+                 "v": cache["v"].at[at].set(v.astype(cache["v"].dtype), mode="drop")}
     return out, new_cache
 
 
@@ -256,10 +260,14 @@ class Transformer(nn.Module):
             )(c, self.lora, name="layers")
             (x, new_kv), _ = layers((x, kv), jnp.arange(c.n_layers), positions, segment_ids, cache_pos)
         else:
-            carry = (x, kv)
+            new_layers = []
             for i in range(c.n_layers):
-                carry, _ = block(c, self.lora, name=f"layers_{i}")(carry, i, positions, segment_ids, cache_pos)
-            x, new_kv = carry
+                layer_kv = None if kv is None else {"k": kv["k"][i], "v": kv["v"][i]}
+                (x, layer_kv), _ = block(c, self.lora, name=f"layers_{i}")(
+                    (x, layer_kv), None, positions, segment_ids, cache_pos)
+                new_layers.append(layer_kv)
+            new_kv = None if kv is None else {"k": tuple(l["k"] for l in new_layers),
+                                              "v": tuple(l["v"] for l in new_layers)}
 
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)

@@ -303,8 +303,11 @@ def fetch(tree):
     return jax.tree.map(get, tree)
 
 
-def cache_shardings(mesh: Mesh, rules=RULES) -> dict[str, NamedSharding]:
-    return {k: NamedSharding(mesh, spec_for(names, rules)) for k, names in CACHE_AXES.items()}
+def cache_shardings(mesh: Mesh, rules=RULES, stacked: bool = True) -> dict[str, NamedSharding]:
+    """Shardings of the cache's leaves; `stacked` False for per-layer k/v arrays (unrolled layers), which
+    lack the leading 'layers' axis (a sharding given for 'k' then applies to each layer's array)."""
+    axes = {k: names if stacked or k == "pos" else names[1:] for k, names in CACHE_AXES.items()}
+    return {k: NamedSharding(mesh, spec_for(names, rules)) for k, names in axes.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -315,7 +318,7 @@ def _cache_init(config: MistralConfig, batch: int, slots: int, dtype, shardings:
 
 def make_cache(config: MistralConfig, batch: int, slots: int, mesh: Mesh, rules=RULES, dtype=None):
     """kv_cache.init_cache, created in place on the mesh: batch over (data, fsdp), KV heads over tensor."""
-    shardings = tuple(sorted(cache_shardings(mesh, rules).items()))
+    shardings = tuple(sorted(cache_shardings(mesh, rules, stacked=config.scan_layers).items()))
     return _cache_init(config, batch, slots, dtype, shardings)()
 
 
