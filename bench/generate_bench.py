@@ -114,11 +114,11 @@ def decode_rates(hf_dir, hf_model, batches, steps):
     import jax.numpy as jnp
     import torch
 
-    from mistral_jax import checkpoint, generate
+    from mistral_jax import api, generate
     from mistral_jax.kv_cache import init_cache
 
-    config = checkpoint.load_config(hf_dir)
-    params = checkpoint.load_params(hf_dir, config)
+    loaded = api.load_model(hf_dir)  # the layout the tools use (unrolled layers on the CPU)
+    config, params = loaded.config, loaded.params
     rng = np.random.default_rng(1)
     ours, theirs = {}, {}
     for b in batches:
@@ -160,6 +160,7 @@ def decode_rates(hf_dir, hf_model, batches, steps):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the batch-32 decode")
+    ap.add_argument("--decode-only", action="store_true", help="skip the whole batch job (part 1)")
     args = ap.parse_args()
     import torch
 
@@ -167,15 +168,15 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = os.path.join(tmp, "hf")
         hf_model = make_model(hf_dir)
-        job = whole_job(tmp, hf_dir)
+        job = None if args.decode_only else whole_job(tmp, hf_dir)
         batches = [1, 8] if args.quick else [1, 8, 32]
         config, ours, theirs = decode_rates(hf_dir, hf_model, batches, NEW)
         bw = read_bandwidth()
 
     print(f"machine: {os.cpu_count()} CPU cores; torch {torch.__version__}")
     print("\n1. whole batch job: 32 prompts of 65-192 tokens, 64 new greedy tokens, batch 8 (whole processes)")
-    hf_rate = job["transformers"][0] / job["transformers"][1]
-    for label in ("cold", "warm", "transformers"):
+    hf_rate = job["transformers"][0] / job["transformers"][1] if job else 0
+    for label in ("cold", "warm", "transformers") if job else ():
         n, s = job[label]
         name = {"cold": "mistral-jax (cold compile cache)", "warm": "mistral-jax (warm compile cache)"}.get(label, label)
         print(f"   {name:36s} {n} tokens in {s:6.1f}s = {n / s:6.1f} tok/s   ratio {n / s / hf_rate:4.2f}x")
