@@ -1,0 +1,68 @@
+"""Fine-tunes a Mistral model on a JSONL conversation file (full fine-tuning or LoRA).
+
+  python -m train.finetune --config configs/NAME.yaml [--init DIR|PRESET] [--train F.jsonl] [--eval F.jsonl]
+      [--tokenizer PATH] [--output DIR] [--steps N] [--lr X] [--lora-rank R] [--batch-size N] [--seq-len N]
+      [--checkpoint-every N] [--mesh SPEC] [--tensorboard]
+
+The YAML keys are the fields of mistral_jax.trainer.TrainConfig; flags override them. Running the same command
+again resumes from OUTPUT/checkpoints. The run ends with OUTPUT/final, which infer.generate, infer.score and
+infer.convert read directly (and OUTPUT/final_adapter, PEFT adapters, for LoRA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from mistral_jax.trainer import NonFiniteLossError, TrainConfig, Trainer
+
+# flag -> TrainConfig field
+FLAGS = {"init": str, "train": str, "eval": str, "tokenizer": str, "output": str, "steps": int, "lr": float,
+         "lora_rank": int, "batch_size": int, "seq_len": int, "checkpoint_every": int, "mesh": str}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="YAML file of TrainConfig keys (configs/*.yaml)")
+    p.add_argument("--init", help="our checkpoint, a transformers or Mistral directory, or a preset name "
+                                  "(random init)")
+    p.add_argument("--train", help="training JSONL ({'messages'} or {'prompt', 'completion'} rows)")
+    p.add_argument("--eval", help="held-out JSONL for eval loss and perplexity")
+    p.add_argument("--tokenizer", help="sentencepiece model (default: tokenizer.model in --init; "
+                                       "mistral-common:v1 = the file mistral-common ships)")
+    p.add_argument("--output", help="run directory")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lora-rank", type=int, help="0 = full fine-tuning")
+    p.add_argument("--batch-size", type=int, help="rows per optimizer step")
+    p.add_argument("--seq-len", type=int, help="tokens per packed row")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--mesh", help="device mesh, e.g. fsdp=8 or data=2,fsdp=4 (default: one device)")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log to OUTPUT/tensorboard (needs tensorboardX or tensorboard)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = {name: getattr(args, name) for name in FLAGS}
+    overrides["tensorboard"] = args.tensorboard
+    try:
+        cfg = TrainConfig.from_yaml(args.config, **overrides)
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        status = trainer.run()
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{status} in {time.perf_counter() - t0:.1f}s: {cfg.output}", file=sys.stderr)
+    return 0 if status == "done" else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
