@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 import typing
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -577,8 +577,10 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not cfg.progress,
                    file=sys.stderr)
-        pending = None           # (step, device metrics, eval extra): read one step late, so the host
-        last_saved = start       # prepares batch s+1 while the device runs step s
+        # Metrics of step s are read after step s+1 is dispatched, so the host prepares the next batch while the
+        # device runs; pending = (step, device metrics, eval results) of the step not read yet.
+        pending = None
+        last_saved = start
         best = None
         status = "done"
 
@@ -661,15 +663,22 @@ class Trainer:
             with open(path) as f:
                 before = json.load(f)
             changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
-            if changed:
+            if set(changed) - _BOOKKEEPING:
                 self.log(f"warning: resuming {self.cfg.output} with changed settings: {', '.join(changed)}; "
                          "the run will not equal an uninterrupted one")
+            elif changed:
+                self.log(f"note: resuming {self.cfg.output} with changed settings: {', '.join(changed)}")
         with open(path, "w") as f:
             json.dump(now, f, indent=2)
             f.write("\n")
 
 
 _jit_merge = jax.jit(model_lib.merge_lora, static_argnums=2)
+
+
+# Settings that do not change what is computed: a resumed run may change them and still equal an uninterrupted one.
+_BOOKKEEPING = {"output", "eval", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard",
+                "progress", "max_bad_steps", "mesh"}
 
 
 def _on_sigterm(callback: Callable[[], None]) -> Callable[[], None]:
