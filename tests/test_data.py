@@ -16,18 +16,7 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-
-def sys_(text):
-    return {"role": "system", "content": text}
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def asst(text):
-    return {"role": "assistant", "content": text}
+from chats import sys_, user, asst  # noqa: E402
 
 
 CONVERSATIONS = [

@@ -22,6 +22,7 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
 from mistral_common.protocol.instruct.validator import ValidationMode  # noqa: E402
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E402
+from chats import sys_, user, asst  # noqa: E402
 
 FILES = {
     "v1": "tokenizer.model.v1",  # Mistral 7B v0.1 / v0.2
@@ -74,18 +75,6 @@ def reference(paths):
 
     encode.decode = decode
     return encode
-
-
-def sys_(text):
-    return {"role": "system", "content": text}
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def asst(text):
-    return {"role": "assistant", "content": text}
 
 
 CONVERSATIONS = {

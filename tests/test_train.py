@@ -16,16 +16,9 @@ from mistral_jax.config import get_preset
 from mistral_jax.data import DataIterator, load_examples, pack
 from mistral_jax.model import LoraSpec
 from mistral_jax.tokenizer import Tokenizer
+from chats import user, asst  # noqa: E402
 
 CONFIG = get_preset("tiny", dtype="float32", param_dtype="float32")
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def asst(text):
-    return {"role": "assistant", "content": text}
 
 
 CONVERSATIONS = [
