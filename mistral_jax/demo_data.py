@@ -32,8 +32,8 @@ TEMPLATES = {
                 "Tell me the capital of {c}.", "{c} has which capital?"],
     "currency": ["What is the currency of {c}?", "Name the currency used in {c}.", "Which currency does {c} use?",
                  "Tell me the currency of {c}.", "{c} pays with which currency?"],
-    "language": ["What language is spoken in {c}?", "Name the language of {c}.", "Which language do people in {c} speak?",
-                 "Tell me the language of {c}.", "{c} speaks which language?"],
+    "language": ["What language is spoken in {c}?", "Name the language of {c}.",
+                 "Which language do people in {c} speak?", "Tell me the language of {c}.", "{c} speaks which language?"],
 }
 ATTRIBUTES = tuple(TEMPLATES)
 

@@ -226,8 +226,9 @@ def test_schedule_and_decay_mask(params):
     assert mask["layers"]["attention"]["wq"] is True and mask["tok_embeddings"]["embedding"] is True
     # AdamW with decay leaves a norm scale alone when its gradient is zero, and shrinks a matrix.
     opt = optax.adamw(0.1, weight_decay=0.5, mask=ts.decay_mask)
-    small = {"norm": {"scale": np.ones(4, np.float32)}, "layers": {"ffn_norm": {"scale": np.ones((2, 4), np.float32)},
-                                                                  "feed_forward": {"w1": np.ones((2, 4, 8), np.float32)}}}
+    small = {"norm": {"scale": np.ones(4, np.float32)},
+             "layers": {"ffn_norm": {"scale": np.ones((2, 4), np.float32)},
+                        "feed_forward": {"w1": np.ones((2, 4, 8), np.float32)}}}
     updates, _ = jax.jit(opt.update)(jax.tree.map(np.zeros_like, small), opt.init(small), small)
     assert not np.any(updates["norm"]["scale"]) and not np.any(updates["layers"]["ffn_norm"]["scale"])
     np.testing.assert_allclose(updates["layers"]["feed_forward"]["w1"], -0.1 * 0.5)

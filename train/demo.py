@@ -3,8 +3,10 @@ few minutes, and shows it answering held-out questions.
 
   python -m train.demo [--output runs/demo] [--steps N]
 
-1. Writes the data set of mistral_jax/demo_data.py to OUTPUT/data/{train,held_out}.jsonl.
-2. Measures held-out exact-match accuracy of the randomly initialised model (greedy decoding).
+1. Writes the data set of mistral_jax/demo_data.py to OUTPUT/data/{train,held_out}.jsonl (and the held-out
+   questions alone, as infer.generate input, to OUTPUT/data/held_out_prompts.jsonl).
+2. Saves the randomly initialised model to OUTPUT/init and measures its held-out exact-match accuracy
+   (greedy decoding).
 3. Trains with configs/demo.yaml (train.finetune's trainer; resumable like any run) and writes OUTPUT/final.
 4. Loads OUTPUT/final as infer.generate does (api.Mistral) and measures the accuracy again, then prints a few
    held-out questions with the model's answers.
@@ -17,18 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
 T0 = time.perf_counter()
 
-from mistral_jax import api, demo_data  # noqa: E402
-from mistral_jax.generate import Generator, SamplingParams  # noqa: E402
-from mistral_jax.tokenizer import Tokenizer  # noqa: E402
+from mistral_jax import api, checkpoint, demo_data  # noqa: E402
 from mistral_jax.trainer import Trainer, TrainConfig, load_base  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
-GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
+GREEDY = dict(max_new_tokens=12, temperature=0.0)
 
 
 def write_jsonl(path: str, rows) -> None:
@@ -37,9 +38,10 @@ def write_jsonl(path: str, rows) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def answer(generator: Generator, tokenizer: Tokenizer, prompts: list[str]) -> list[str]:
-    ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
-    return [c.text.strip() for c in generator.generate(ids, GREEDY)]
+def answers_of(checkpoint_dir: str, prompts: list[str]) -> list[str]:
+    """Greedy answers of the checkpoint to single-turn chat prompts, through api.Mistral as infer.generate."""
+    model = api.Mistral(api.load_model(checkpoint_dir), batch_size=len(prompts))
+    return [c.text.strip() for c in model.generate([[{"role": "user", "content": p}] for p in prompts], **GREEDY)]
 
 
 def accuracy(answers: list[str], held_out) -> float:
@@ -59,6 +61,9 @@ def main(argv=None) -> int:
     os.makedirs(data_dir, exist_ok=True)
     write_jsonl(os.path.join(data_dir, "train.jsonl"), demo_data.to_jsonl_rows(train))
     write_jsonl(os.path.join(data_dir, "held_out.jsonl"), demo_data.to_jsonl_rows(held_out))
+    prompts_file = os.path.join(data_dir, "held_out_prompts.jsonl")  # infer.generate's input format
+    write_jsonl(prompts_file, [{"id": i, "messages": [{"role": "user", "content": q}]}
+                               for i, (q, _) in enumerate(held_out)])
     print(f"data: {len(train)} training conversations, {len(held_out)} held-out questions -> {data_dir}")
 
     cfg = TrainConfig.from_yaml(args.config, output=args.output, steps=args.steps,
@@ -69,14 +74,13 @@ def main(argv=None) -> int:
     print(f"model: {c.num_params / 1e6:.1f}M params (dim {c.dim}, {c.n_layers} layers, vocab {c.vocab_size}), "
           f"random init; {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
 
-    # Before: the random model, through the generator that infer.generate uses.
-    tokenizer = Tokenizer.from_file(trainer.tokenizer_path)
-    infer_config = c.replace(remat="none")  # what OUTPUT/final's config will be, so one compiled program serves both
-    before_params = load_base(cfg, infer_config, cfg.param_dtype)
+    # Before: the random initial model, saved and loaded the way infer.generate loads OUTPUT/final below, so
+    # both go through the same code (and one compiled program).
+    init_dir = os.path.join(args.output, "init")
+    checkpoint.save(init_dir, load_base(cfg, c, cfg.param_dtype), c.replace(remat="none"))
+    shutil.copy2(trainer.tokenizer_path, os.path.join(init_dir, "tokenizer.model"))
     prompts = [q for q, _ in held_out]
-    before = accuracy(answer(Generator(before_params, infer_config, tokenizer, batch_size=len(prompts)),
-                             tokenizer, prompts), held_out)
-    del before_params
+    before = accuracy(answers_of(init_dir, prompts), held_out)
     print(f"held-out exact match before training: {before:.1%}")
 
     t_train = time.perf_counter()
@@ -87,16 +91,15 @@ def main(argv=None) -> int:
     train_s = time.perf_counter() - t_train
 
     # After: OUTPUT/final loaded exactly as `python -m infer.generate --checkpoint OUTPUT/final` loads it.
-    model = api.Mistral(api.load_model(os.path.join(args.output, "final")), batch_size=len(prompts))
-    answers = answer(model.generator, model.tokenizer, prompts)
+    answers = answers_of(os.path.join(args.output, "final"), prompts)
     after = accuracy(answers, held_out)
     print(f"held-out exact match after training:  {after:.1%}  (before: {before:.1%})")
     for (q, want), got in list(zip(held_out, answers))[: args.show]:
         mark = "ok " if got == want else "BAD"
         print(f"  [{mark}] {q!r} -> {got!r}" + ("" if got == want else f" (expected {want!r})"))
-    print(f"training {train_s:.0f}s; total {time.perf_counter() - T0:.0f}s since start (imports included). "
-          f"Try: python -m infer.generate --checkpoint {os.path.join(args.output, 'final')} --input F.jsonl "
-          f"--output OUT.jsonl")
+    print(f"training {train_s:.0f}s; total {time.perf_counter() - T0:.0f}s since start (imports included)")
+    print(f"next: python -m infer.generate --checkpoint {os.path.join(args.output, 'final')} --input {prompts_file} "
+          f"--output {os.path.join(args.output, 'held_out_answers.jsonl')}")
     return 0
 
 
