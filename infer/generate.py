@@ -156,14 +156,18 @@ def main(argv=None) -> int:
             if distributed.is_main():  # the others write to os.devnull, which fsync refuses
                 os.fsync(out.fileno())
             bar.update(len(batch))
-            run_s = max(time.perf_counter() - t_gen - (timer.seconds - compile_before), 1e-9)
-            bar.set_postfix(tok_s=f"{n_tokens / run_s:.1f}")
+            bar.set_postfix(tok_s=rate(n_tokens, time.perf_counter() - t_gen - (timer.seconds - compile_before)))
     total = time.perf_counter() - t_start
-    gen_s = max(time.perf_counter() - t_gen - (timer.seconds - compile_before), 1e-9)
+    gen_s = time.perf_counter() - t_gen - (timer.seconds - compile_before)
     print(f"rows: {n_rows} generated, {n_err} errors; tokens: {n_tokens}; "
-          f"{n_tokens / gen_s:.1f} tokens/s excluding compilation; compile {timer.seconds:.1f}s; "
+          f"{rate(n_tokens, gen_s)} tokens/s excluding compilation; compile {timer.seconds:.1f}s; "
           f"load {load_s:.1f}s; total {total:.1f}s")
     return 0 if n_rows or not n_err else 1
+
+
+def rate(tokens: int, seconds: float) -> str:
+    """tokens/s as text; "n/a" when compilation took (nearly) all the time and the rest is too short to time."""
+    return f"{tokens / seconds:.1f}" if seconds > 0.01 else "n/a"
 
 
 if __name__ == "__main__":

@@ -222,6 +222,101 @@ def test_tools_on_8_devices_match_one_device(tmp_path):
     assert checks["orbax_equal"]
     assert checks["cache_spec_gqa"] == [None, ["data", "fsdp"], None, "tensor", None]
     assert checks["cache_spec_mqa"] == [None, ["data", "fsdp"], None, None, None]
+    # One training step (full fine-tuning, and LoRA with dropout), grad_accum 2: loss and every gradient.
+    for kind in TRAIN_KINDS:
+        want = _train_grads(tmp_path, kind)
+        for mesh in MESHES:
+            got = np.load(tmp_path / f"train-{kind}-{mesh}.npz")
+            assert sorted(got.files) == sorted(want), (kind, mesh)
+            np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5, err_msg=f"{kind} {mesh}")
+            assert 3.0 < float(want["loss"]) < 7.0  # a real loss over a 128-token vocab, not 0 or nan
+            for name in want:
+                np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=1e-5,
+                                           err_msg=f"{kind} {mesh} {name}")
+            assert checks[f"train_sharded_{kind}_{mesh}"]
+
+
+# ---- one training step on a mesh: loss and gradients -------------------------------------------------------
+
+TRAIN_KINDS = ("full", "lora")
+TRAIN_ROWS, TRAIN_LEN, TRAIN_ACCUM = 16, 24, 2   # 8 rows per microbatch: one per device on fsdp=8
+
+
+def _train_batch():
+    """Packed rows as data.pack makes them: 2-3 examples per row (segment ids, positions restarting at each),
+    loss on the second half of each example, a padding tail; plus one all-padding row."""
+    rng = np.random.default_rng(11)
+    b = {k: np.zeros((TRAIN_ROWS, TRAIN_LEN), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
+    b["loss_mask"] = np.zeros((TRAIN_ROWS, TRAIN_LEN), np.float32)
+    for r in range(TRAIN_ROWS - 1):
+        t = 0
+        for seg in range(1, 4):
+            n = int(rng.integers(4, 10))
+            if t + n > TRAIN_LEN:
+                break
+            ids = rng.integers(3, 128, n + 1)
+            b["tokens"][r, t:t + n], b["targets"][r, t:t + n] = ids[:-1], ids[1:]
+            b["positions"][r, t:t + n], b["segment_ids"][r, t:t + n] = np.arange(n), seg
+            b["loss_mask"][r, t + n // 2:t + n] = 1.0
+            t += n
+    return b
+
+
+def _train_setup(tmp, kind):
+    """(config, trainable, frozen, lora_spec) on the host: the gqa checkpoint, and for LoRA adapters whose B
+    is random (at B = 0 the gradients of A would be zero and prove nothing)."""
+    import jax
+
+    from mistral_jax import checkpoint
+    from mistral_jax import model as model_lib
+
+    config = checkpoint.load_config(tmp / "gqa")
+    params = jax.device_get(checkpoint.load_params(tmp / "gqa", config, "float32"))
+    if kind == "full":
+        return config, params, None, None
+    spec = model_lib.LoraSpec(rank=4, alpha=8.0, dropout=0.1)
+    rng = np.random.default_rng(5)
+    lora = jax.tree_util.tree_map_with_path(
+        lambda path, a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32)
+        if str(getattr(path[-1], "key", "")).endswith("_b") else np.asarray(a),
+        jax.device_get(model_lib.init_lora(config, spec, jax.random.key(1))))
+    return config, lora, params, spec
+
+
+def _flat(tree):
+    import jax
+
+    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _train_grads(tmp, kind, mm=None):
+    """{'loss', and one entry per trainable leaf: its gradient} of train_step.accumulate_grads. With a
+    ModelMesh, the jit has the trainer's shardings: trainable and frozen weights by the mesh rules, the batch
+    over (data, fsdp); the function also returns whether the inputs really were split."""
+    import functools
+
+    import jax
+
+    from mistral_jax import model as model_lib
+    from mistral_jax import sharding
+    from mistral_jax import train_step as ts
+
+    config, trainable, frozen, spec = _train_setup(tmp, kind)
+    fn = functools.partial(ts.accumulate_grads, config=config, lora_spec=spec, grad_accum=TRAIN_ACCUM)
+    batch, rng = _train_batch(), jax.random.key(3)
+    if mm is None:
+        grads, loss, _ = jax.jit(fn)(trainable, frozen, batch, rng)
+        return {"loss": np.asarray(loss), **_flat(grads)}
+    train_sh = mm.param_shardings if spec is None else mm.logical_shardings(model_lib.lora_logical_axes(config, spec))
+    frozen_sh = None if spec is None else mm.param_shardings
+    batch_sh = {k: sharding.batch_sharding(mm.mesh, 2, mm.rules) for k in batch}
+    trainable, frozen, batch = jax.device_put((trainable, frozen, batch), (train_sh, frozen_sh, batch_sh))
+    with mm.activate():
+        grads, loss, _ = jax.jit(fn, in_shardings=(train_sh, frozen_sh, batch_sh, None),
+                                 out_shardings=(train_sh, None, None))(trainable, frozen, batch, rng)
+    split = all(len({str(s.index) for s in x.addressable_shards}) > 1 for x in jax.tree.leaves(batch))
+    split &= any(len({str(s.index) for s in x.addressable_shards}) > 1 for x in jax.tree.leaves(grads))
+    return {"loss": np.asarray(loss), **_flat(grads)}, split
 
 
 def _worker(tmp):
@@ -273,6 +368,11 @@ def _worker(tmp):
         m = sharding.ModelMesh(sharding.make_mesh("data=2,fsdp=2,tensor=2"), c)
         spec = m.make_cache(c, 4, 8)["k"].sharding.spec
         checks[f"cache_spec_{name}"] = [list(e) if isinstance(e, tuple) else e for e in spec]
+    for kind in TRAIN_KINDS:
+        for mesh in MESHES:
+            got, split = _train_grads(tmp, kind, sharding.ModelMesh(sharding.make_mesh(mesh), config))
+            np.savez(tmp / f"train-{kind}-{mesh}.npz", **got)
+            checks[f"train_sharded_{kind}_{mesh}"] = bool(split)
     (tmp / "checks.json").write_text(json.dumps(checks))
 
 
