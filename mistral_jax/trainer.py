@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from . import model as model_lib
 from . import train_step as ts
 from .config import DTYPES, PRESETS, MistralConfig, get_preset
@@ -311,8 +311,10 @@ class MetricsLog:
     the previous row (the loss over all their loss tokens; skipped steps left out)."""
 
     def __init__(self, path: str, resume_step: int, tensorboard_dir: str | None, log: Callable[[str], None]):
-        self.path = path
-        if os.path.exists(path):  # rows past the checkpoint we resume from are redone: drop them
+        self.path = path = distributed.output_path(path)  # os.devnull but on process 0
+        if not distributed.is_main():
+            tensorboard_dir = None
+        elif os.path.exists(path):  # rows past the checkpoint we resume from are redone: drop them
             with open(path) as f:
                 rows = [line for line in f if line.strip() and _row_step(line) <= resume_step]
             with open(path, "w") as f:
@@ -374,7 +376,8 @@ def _tensorboard_writer(logdir: str, log):
 # ---- the trainer ----------------------------------------------------------------------------------------------
 
 def _log_stderr(msg: str) -> None:
-    tqdm.write(msg, file=sys.stderr)
+    if distributed.is_main():  # one process speaks for a multi-host run
+        tqdm.write(msg, file=sys.stderr)
 
 
 class Trainer:
@@ -405,7 +408,7 @@ class Trainer:
             self.eval_rows = pack(eval_examples, cfg.seq_len)
 
         self.mesh = None
-        if cfg.mesh:
+        if cfg.mesh or jax.process_count() > 1:  # several processes: the default mesh spans all their devices
             from . import memory_plan, sharding
 
             self.mesh = sharding.ModelMesh(sharding.make_mesh(cfg.mesh), self.config)
@@ -575,8 +578,8 @@ class Trainer:
 
     def _loop(self, manager, state, frozen, start, until_step, step_fn, eval_fn, metrics_log, stop) -> str:
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not cfg.progress,
-                   file=sys.stderr)
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
+                   disable=not cfg.progress or not distributed.is_main(), file=sys.stderr)
         # Metrics of step s are read after step s+1 is dispatched, so the host prepares the next batch while the
         # device runs; pending = (step, device metrics, eval results) of the step not read yet.
         pending = None
@@ -646,17 +649,23 @@ class Trainer:
             params = merge(frozen, state["params"], self.lora_spec)
         dtype = jax.tree.leaves(params)[0].dtype.name
         save_config = self.config.replace(param_dtype=dtype, remat="none")
-        checkpoint.save(self.final_dir, params, save_config)
-        shutil.copy2(self.tokenizer_path, os.path.join(self.final_dir, "tokenizer.model"))
+        # Each process writes its own shards (one process: checkpoint.save's atomic write).
+        distributed.save_params(self.final_dir, params, save_config, tokenizer=self.tokenizer_path)
         self.log(f"wrote {self.final_dir} ({save_config.num_params / 1e6:.1f}M params, {dtype})")
         if self.lora_spec is not None:
             from .peft_export import save_adapter
+            from .sharding import fetch
 
-            base = self.cfg.init if self.cfg.init not in PRESETS else None
-            save_adapter(self.adapter_dir, jax.device_get(state["params"]), self.lora_spec, self.config, base)
+            adapters = fetch(state["params"])  # gathered from every process: the adapters are small
+            if distributed.is_main():
+                base = self.cfg.init if self.cfg.init not in PRESETS else None
+                save_adapter(self.adapter_dir, adapters, self.lora_spec, self.config, base)
+            distributed.barrier("mistral_jax.trainer.adapter")
             self.log(f"wrote {self.adapter_dir} (PEFT LoRA adapters)")
 
     def _write_run_config(self, resuming: bool) -> None:
+        if not distributed.is_main():
+            return
         path = os.path.join(self.cfg.output, "train_config.json")
         now = self.cfg.to_dict()
         if resuming and os.path.exists(path):

@@ -1,6 +1,7 @@
 """Two processes on localhost, 4 CPU devices each, joined by jax.distributed (gloo collectives on CPU), run
-a sharded infer.score, an orbax save and restore across the processes, and sharded training steps; all must
-give what one process on one device gives (computed here in the pytest process while the two run).
+a sharded infer.score, an orbax save and restore across the processes, sharded training steps and a whole
+LoRA `train.finetune` run; all must give what one process on one device gives (computed here in the pytest
+process while the two run).
 
 The workers are this file run as a script: `python test_multihost.py TMP PORT PROCESS_ID`.
 """
@@ -19,6 +20,7 @@ MESH = "data=2,fsdp=2,tensor=2"
 ROW_LENGTHS = [7, 16, 3, 12, 9]
 MODEL = dict(vocab_size=128, sliding_window=4, num_attention_heads=4, num_key_value_heads=2)
 TRAIN_ROWS, TRAIN_LEN, STEPS = 8, 16, 2
+FINETUNE_STEPS = 4
 
 
 def _train_batch():
@@ -92,6 +94,50 @@ def test_cluster_detection_and_flag_checks():
         distributed.initialize(coordinator="localhost:1234", num_processes=2, process_id=2)
 
 
+def _finetune_files(tmp):
+    """A random tiny model (with the v1 tokenizer) and a few conversations for train.finetune. Adam's eps is
+    large for the reason given in _train."""
+    import jax
+
+    from mistral_jax import checkpoint
+    from mistral_jax import model as model_lib
+    from mistral_jax.config import get_preset
+    from mistral_jax.tokenizer import mistral_common_tokenizer
+
+    config = get_preset("tiny")
+    rng = np.random.default_rng(9)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, s: (1.0 if "norm" in jax.tree_util.keystr(path) else 0.0)
+        + 0.02 * rng.standard_normal(s.shape).astype(np.float32), model_lib.param_shapes(config))
+    checkpoint.save(str(tmp / "tiny"), params, config, tokenizer=mistral_common_tokenizer("v1"))
+    qa = [(f"What is {a} plus {b}?", f"{a + b}.") for a, b in rng.integers(1, 50, (24, 2)).tolist()]
+    (tmp / "ft.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {
+        "role": "assistant", "content": a}]}) + "\n" for q, a in qa))
+    (tmp / "ft.yaml").write_text(f"""
+init: {tmp / "tiny"}
+train: {tmp / "ft.jsonl"}
+seq_len: 64
+batch_size: 8
+grad_accum: 2
+dtype: float32
+steps: {FINETUNE_STEPS}
+lr: 0.01
+warmup_steps: 1
+adam_eps: 0.001
+lora_rank: 4
+lora_alpha: 8.0
+lora_dropout: 0.1
+checkpoint_every: 2
+log_every: 1
+eval_every: 0
+progress: false
+""")
+
+
+def _finetune_args(tmp, out, *extra):
+    return ["--config", str(tmp / "ft.yaml"), "--output", str(tmp / out), *extra]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -105,7 +151,10 @@ def test_two_processes_give_the_single_process_results(tmp_path):
     from infer import score as score_cli
     from mistral_jax import checkpoint
 
+    from train import finetune
+
     make_hf_model(2, **MODEL)[0].save_pretrained(tmp_path / "hf")
+    _finetune_files(tmp_path)
     rng = np.random.default_rng(5)
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "ids": rng.integers(3, 128, n).tolist()})
                                                + "\n" for i, n in enumerate(ROW_LENGTHS)))
@@ -120,6 +169,7 @@ def test_two_processes_give_the_single_process_results(tmp_path):
         config = checkpoint.load_config(tmp_path / "hf")
         ref_metrics, ref_params = _train(checkpoint.load_params(tmp_path / "hf", config), config,
                                          jax.tree.map(jax.numpy.asarray, _train_batch()))
+        assert finetune.main(_finetune_args(tmp_path, "ft-ref")) == 0
         logs = [p.communicate(timeout=900)[0] for p in procs]
     finally:
         for p in procs:
@@ -143,6 +193,28 @@ def test_two_processes_give_the_single_process_results(tmp_path):
     assert sorted(got.files) == sorted(flat)
     for leaf, want in flat.items():
         np.testing.assert_allclose(got[leaf], want, atol=2e-6, rtol=0, err_msg=leaf)
+
+    # train.finetune on the two processes: every logged loss of the one-device run, each step once (process 0
+    # alone writes metrics.jsonl), and a final checkpoint and PEFT adapters that equal the one-device ones.
+    def rows(out):
+        return [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    ref_rows, got_rows = rows("ft-ref"), rows("ft-mh")
+    assert [r["step"] for r in got_rows] == list(range(1, FINETUNE_STEPS + 1))
+    np.testing.assert_allclose([r["loss"] for r in got_rows], [r["loss"] for r in ref_rows], rtol=1e-5)
+    assert sorted(os.listdir(tmp_path / "ft-mh" / "checkpoints")) == sorted(
+        os.listdir(tmp_path / "ft-ref" / "checkpoints"))
+    final_config = checkpoint.load_config(tmp_path / "ft-mh" / "final")
+    want = checkpoint.load_params(tmp_path / "ft-ref" / "final", final_config)
+    got = checkpoint.load_params(tmp_path / "ft-mh" / "final", final_config)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    assert (tmp_path / "ft-mh" / "final" / "tokenizer.model").is_file()
+    from safetensors.numpy import load_file
+    want, got = (load_file(tmp_path / d / "final_adapter" / "adapter_model.safetensors") for d in ("ft-ref", "ft-mh"))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=k)
 
 
 def _worker(tmp, port, pid):
@@ -180,6 +252,9 @@ def _worker(tmp, port, pid):
         (tmp / "train.json").write_text(json.dumps({"metrics": metrics}))
         np.savez(tmp / "train-params.npz", **{"/".join(str(k.key) for k in path): np.asarray(x)
                                               for path, x in jax.tree_util.tree_flatten_with_path(trained)[0]})
+    from train import finetune
+
+    assert finetune.main(_finetune_args(tmp, "ft-mh", "--mesh", MESH, *flags)) == 0
     distributed.barrier("test_multihost.done")
 
 

@@ -3,10 +3,16 @@
   python -m train.finetune --config configs/NAME.yaml [--init DIR|PRESET] [--train F.jsonl] [--eval F.jsonl]
       [--tokenizer PATH] [--output DIR] [--steps N] [--lr X] [--lora-rank R] [--batch-size N] [--seq-len N]
       [--checkpoint-every N] [--mesh SPEC] [--tensorboard]
+      [--coordinator HOST:PORT --num-processes N --process-id I | --multi-host]
 
 The YAML keys are the fields of mistral_jax.trainer.TrainConfig; flags override them. Running the same command
 again resumes from OUTPUT/checkpoints. The run ends with OUTPUT/final, which infer.generate, infer.score and
 infer.convert read directly (and OUTPUT/final_adapter, PEFT adapters, for LoRA).
+
+On several hosts, every host runs the same command (TPU pods, SLURM and Open MPI are detected; elsewhere pass
+the three multi-host flags) with OUTPUT on a file system they share: every process reads and validates the
+data file and feeds its own devices their rows of each batch; orbax writes each process's shards; process 0
+writes the metrics, the logs and the adapter files.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import sys
 import time
 
+from mistral_jax import distributed
 from mistral_jax.trainer import NonFiniteLossError, TrainConfig, Trainer
 
 # flag -> TrainConfig field
@@ -38,9 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="rows per optimizer step")
     p.add_argument("--seq-len", type=int, help="tokens per packed row")
     p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--mesh", help="device mesh, e.g. fsdp=8 or data=2,fsdp=4 (default: one device)")
+    p.add_argument("--mesh", help="device mesh, e.g. fsdp=8 or data=2,fsdp=4 (default: one device; with several "
+                                  "processes, every device on fsdp)")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="also log to OUTPUT/tensorboard (needs tensorboardX or tensorboard)")
+    distributed.add_args(p)
     return p.parse_args(argv)
 
 
@@ -50,6 +59,7 @@ def main(argv=None) -> int:
     overrides["tensorboard"] = args.tensorboard
     try:
         cfg = TrainConfig.from_yaml(args.config, **overrides)
+        distributed.initialize(args)  # before any other JAX call; nothing to do for one process
         trainer = Trainer(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -60,7 +70,7 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{status} in {time.perf_counter() - t0:.1f}s: {cfg.output}", file=sys.stderr)
+    distributed.log(f"{status} in {time.perf_counter() - t0:.1f}s: {cfg.output}")
     return 0 if status == "done" else 3
 
 
