@@ -53,18 +53,19 @@ def dot_attention(q, k, v, mask):
 def dot_attention_split(q, ks, vs, masks):
     """Attention over several key sets sharing one softmax, without concatenating them.
 
-    q [B, T, N, H]; ks/vs: tuples of [B, S_i, K, H]; masks: tuple of [B, T, S_i]. Used for (cache, new
-    tokens) at decode and chunked prefill, where a concatenation would copy the whole cache each step."""
+    q [B, T, N, H]; ks/vs: tuples of [B, K, S_i, H] (the KV cache's order); masks: tuple of [B, T, S_i]. Used
+    for (cache, new tokens) at decode and chunked prefill, where a concatenation would copy the whole cache
+    each step."""
     b, t, n, h = q.shape
-    kh = ks[0].shape[2]
+    kh = ks[0].shape[1]
     q = q.reshape(b, t, kh, n // kh, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
-    scores = [jnp.where(m[:, None, None], jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32),
+    scores = [jnp.where(m[:, None, None], jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32),
                         _NEG) for k, m in zip(ks, masks)]
     sizes = [s.shape[-1] for s in scores]
     p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0, 0
     for v, size in zip(vs, sizes):
-        out = out + jnp.einsum("bkgts,bskh->btkgh", p[..., start:start + size].astype(v.dtype), v)
+        out = out + jnp.einsum("bkgts,bksh->btkgh", p[..., start:start + size].astype(v.dtype), v)
         start += size
     return out.reshape(b, t, n, h)
 

@@ -1,6 +1,10 @@
-"""The KV cache: a pytree {'k', 'v': [L, B, S, K, H], 'pos': [B, S]}; with unrolled layers
-(config.scan_layers False) 'k' and 'v' are tuples of L arrays [B, S, K, H], so that each layer's update is
+"""The KV cache: a pytree {'k', 'v': [L, B, K, S, H], 'pos': [B, S]}; with unrolled layers
+(config.scan_layers False) 'k' and 'v' are tuples of L arrays [B, K, S, H], so that each layer's update is
 in place in its own buffer (a scatter into one stacked array made XLA:CPU copy the whole cache per layer).
+
+KV heads come before slots (transformers' order): both attention products then read the cache as it lies,
+with (batch, kv head) as the batch of a batched matmul. With slots first, XLA:CPU transposed the whole cache
+of every layer at every decode step (measured: 58 of 215 ms per step at batch 32 on the 125M benchmark).
 
 For a windowed model the cache is a rolling buffer of S = min(W, max_total_len) slots: position p lives at
 slot p % S, so memory never grows past W however long the generation. Keys are rotated before they are
@@ -26,7 +30,7 @@ def num_slots(config: MistralConfig, max_total_len: int) -> int:
 
 def init_cache(config: MistralConfig, batch: int, slots: int, dtype=None):
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (batch, slots, config.n_kv_heads, config.head_dim)
+    shape = (batch, config.n_kv_heads, slots, config.head_dim)
     pos = jnp.full((batch, slots), -1, jnp.int32)
     if not config.scan_layers:
         layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
@@ -36,7 +40,7 @@ def init_cache(config: MistralConfig, batch: int, slots: int, dtype=None):
 
 
 def cache_shape(cache) -> tuple[int, ...]:
-    """(L, B, S, K, H) of either layout."""
+    """(L, B, K, S, H) of either layout (stacked or per-layer)."""
     k = cache["k"]
     return (len(k), *k[0].shape) if isinstance(k, (list, tuple)) else tuple(k.shape)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -67,7 +68,13 @@ def _project(module: nn.Module, name: str, x, w, eq: str, n_in: int, in_axes, ou
     w's first `n_in` axes contract with x's last `n_in`; adapters live in the 'lora' collection as
     `{name}_a` [in..., r] and `{name}_b` [r, out...] (layers stacked like the params)."""
     dt = jnp.dtype(module.config.dtype)
-    y = jnp.einsum(eq, x, w.astype(dt))
+    if n_in == 1:
+        y = jnp.einsum(eq, x, w.astype(dt))
+    else:
+        # Several contracting axes (wo: heads x head_dim) as one flattened matmul: left as an einsum, XLA:CPU
+        # chose to transpose the whole weight at every call to match the attention output's layout.
+        k_in = math.prod(w.shape[:n_in])
+        y = jnp.dot(x.reshape(*x.shape[:-n_in], k_in), w.astype(dt).reshape(k_in, *w.shape[n_in:]))
     spec = module.lora
     if spec is None or not spec.covers(name):
         return y
@@ -110,8 +117,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache=None, layer=None, cache_pos=None):
-        """x [B, T, D] -> ([B, T, D], cache). With `cache` ({'k','v'}: [L, B, S, K, H], all layers, updated in
-        place at index `layer`) and `cache_pos` [B, S] (absolute position held by each slot, -1 when empty),
+        """x [B, T, D] -> ([B, T, D], cache). With `cache` ({'k','v'}: [L, B, K, S, H], all layers, updated in
+        place at index `layer`; or this layer's [B, K, S, H] when `layer` is None) and `cache_pos` [B, S] (absolute position held by each slot, -1 when empty),
         the queries attend (cache, new tokens) and the new keys are then written at slot `position % S`."""
         c = self.config
         dt = jnp.dtype(c.dtype)
@@ -158,25 +165,45 @@ def cache_write_slots(positions, segment_ids, num_slots: int):
 
 
 def _cached_attention(q, k, v, positions, segment_ids, cache, layer, cache_pos, window):
-    # Attend over (cache, chunk) before writing the chunk: a chunk position must see the W-1 positions
-    # before it, some of which the chunk itself would overwrite in a rolling buffer. The two key sets are
-    # scored separately and share one softmax, so the cache is never copied into a concatenation.
-    if layer is None:  # this layer's own buffers [B, S, K, H] (unrolled layers)
-        ck, cv = cache["k"], cache["v"]
-    else:  # all layers stacked [L, B, S, K, H] (scanned layers)
-        ck = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False)
-        cv = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
+    b, t = segment_ids.shape
     valid_new = (segment_ids != 0).astype(jnp.int32)
+    num_slots = cache_pos.shape[1]
+    slots = cache_write_slots(positions, segment_ids, num_slots)
+    rows = jnp.arange(b)[:, None]
+    # Index arrays around a slice: the update is laid out [B, T, K, H], as k and v are.
+    at = (rows, slice(None), slots) if layer is None else (layer, rows, slice(None), slots)
+
+    def write(c):
+        return {"k": c["k"].at[at].set(k.astype(c["k"].dtype), mode="drop"),
+                "v": c["v"].at[at].set(v.astype(c["v"].dtype), mode="drop")}
+
+    def layer_kv(c):
+        if layer is None:  # this layer's own buffers [B, K, S, H] (unrolled layers)
+            return c["k"].astype(q.dtype), c["v"].astype(q.dtype)
+        # all layers stacked [L, B, K, S, H] (scanned layers)
+        return (jax.lax.dynamic_index_in_dim(c["k"], layer, 0, keepdims=False).astype(q.dtype),
+                jax.lax.dynamic_index_in_dim(c["v"], layer, 0, keepdims=False).astype(q.dtype))
+
+    if t == 1:
+        # Decode: write the new token first, then attend over the cache alone. Exact: the slot it takes held
+        # position p - S, outside the window of the query at p. The reads then depend on the write, so XLA
+        # scatters in place; reading first made it copy the whole cache of every layer at every step.
+        new_cache = write(cache)
+        pos_after = cache_pos.at[rows, slots].set(positions.astype(cache_pos.dtype), mode="drop")
+        ck, cv = layer_kv(new_cache)
+        mask = make_mask(positions, pos_after, valid_new, (pos_after >= 0).astype(jnp.int32), window)
+        return dot_attention_split(q, (ck,), (cv,), (mask,)), new_cache
+
+    # A chunk attends (cache, chunk) before it is written: its positions must see the W-1 positions before
+    # them, some of which the chunk itself overwrites in a rolling buffer. The two key sets are scored
+    # separately and share one softmax, so the cache is never copied into a concatenation.
+    ck, cv = layer_kv(cache)
     mask_cache = make_mask(positions, cache_pos, valid_new, (cache_pos >= 0).astype(jnp.int32), window)
     mask_new = make_mask(positions, positions, valid_new, valid_new, window)
-    out = dot_attention_split(q, (ck.astype(q.dtype), k), (cv.astype(q.dtype), v), (mask_cache, mask_new))
-    b = q.shape[0]
-    slots = cache_write_slots(positions, segment_ids, ck.shape[1])
-    rows = jnp.arange(b)[:, None]
-    at = (rows, slots) if layer is None else (layer, rows, slots)
-    new_cache = {"k": cache["k"].at[at].set(k.astype(cache["k"].dtype), mode="drop"),
-                 "v": cache["v"].at[at].set(v.astype(cache["v"].dtype), mode="drop")}
-    return out, new_cache
+    # The chunk's keys join the cache's [B, K, S, H] order (a transpose of T tokens, not of the cache).
+    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    out = dot_attention_split(q, (ck, kt), (cv, vt), (mask_cache, mask_new))
+    return out, write(cache)
 
 
 class FeedForward(nn.Module):

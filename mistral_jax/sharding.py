@@ -55,9 +55,9 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("lora_rank",    None),        # LoRA adapters: the rank is tiny, the other dimension carries the split
 )
 
-# Logical axes of the KV cache pytree (kv_cache.py: k, v [L, B, S, K, H], pos [B, S]).
-CACHE_AXES = {"k": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
-              "v": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+# Logical axes of the KV cache pytree (kv_cache.py: k, v [L, B, K, S, H], pos [B, S]).
+CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "cache_length", "head_dim"),
+              "v": ("layers", "batch", "kv_heads", "cache_length", "head_dim"),
               "pos": ("batch", "cache_length")}
 
 # For the error messages: the config field behind each logical axis that the rules split.

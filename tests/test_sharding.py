@@ -58,8 +58,8 @@ def test_rules_put_batch_on_data_and_fsdp_and_weights_on_fsdp_and_tensor():
     assert specs["tok_embeddings"]["embedding"] == P("tensor", "fsdp")
     # An activation [batch, length, embed]: batch takes fsdp, so embed stays whole.
     assert sharding.spec_for(("batch", "length", "embed"), sharding.RULES) == P(("data", "fsdp"), None, None)
-    assert sharding.spec_for(sharding.CACHE_AXES["k"], sharding.RULES) == P(None, ("data", "fsdp"), None,
-                                                                          "tensor", None)
+    assert sharding.spec_for(sharding.CACHE_AXES["k"], sharding.RULES) == P(None, ("data", "fsdp"), "tensor",
+                                                                          None, None)
 
 
 def test_kv_heads_that_do_not_divide_tensor_are_replicated_with_a_note():
@@ -220,7 +220,7 @@ def test_tools_on_8_devices_match_one_device(tmp_path):
         for leaf, (total, per_device) in checks[f"bytes_{how}"].items():
             assert per_device == [total // 8] * 8, (how, leaf, total, per_device)
     assert checks["orbax_equal"]
-    assert checks["cache_spec_gqa"] == [None, ["data", "fsdp"], None, "tensor", None]
+    assert checks["cache_spec_gqa"] == [None, ["data", "fsdp"], "tensor", None, None]
     assert checks["cache_spec_mqa"] == [None, ["data", "fsdp"], None, None, None]
     # One training step (full fine-tuning, and LoRA with dropout), grad_accum 2: loss and every gradient.
     for kind in TRAIN_KINDS:
