@@ -102,7 +102,7 @@ def lora_bytes(config: MistralConfig, mesh, rank: int, rules) -> tuple[int, int]
 
 def cache_bytes(config: MistralConfig, mesh, batch: int, slots: int, itemsize: int, rules) -> int:
     c = config
-    kv = (c.n_layers, batch, slots, c.n_kv_heads, c.head_dim)
+    kv = (c.n_layers, batch, c.n_kv_heads, slots, c.head_dim)  # the order of CACHE_AXES
     return (2 * _sharded_bytes(kv, sharding.CACHE_AXES["k"], itemsize, mesh, rules)
             + _sharded_bytes((batch, slots), sharding.CACHE_AXES["pos"], 4, mesh, rules))
 
