@@ -188,3 +188,42 @@ def test_generation_stops_at_the_context_length(tmp_path):
                                                                                    stop_token_ids=()))
     assert outs[0].ids == [] and outs[0].finish_reason == "length"
     assert outs[1].ids == _hf_greedy(model, prompts[1], 2) and outs[1].finish_reason == "length"
+
+
+def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path):
+    """The compiled decode loop, as the tools run it on the CPU (unrolled layers), holds no copy or transpose of
+    a KV-cache buffer or of a weight: each step writes the cache in place and reads every weight as stored.
+    Each such copy once cost 5-60 ms per step on the 125M benchmark (docs/benchmarks.md)."""
+    import re
+
+    import jax.numpy as jnp
+
+    from mistral_jax import api, generate
+    from mistral_jax.kv_cache import init_cache
+
+    make_hf_model(0, sliding_window=8)[0].save_pretrained(tmp_path / "hf")
+    loaded = api.load_model(tmp_path / "hf")
+    config, params = loaded.config, loaded.params
+    assert not config.scan_layers  # the CPU layout
+    b, slots, m = 3, 8, 16
+    z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
+    state = dict(cache=init_cache(config, b, slots), logits=jnp.zeros((b, config.vocab_size), jnp.float32),
+                 out=jnp.zeros((b, m), jnp.int32), n=z(0), pos=z(5), done=z(False, bool), reason=z(0),
+                 seeds=z(0, jnp.uint32), temperature=z(0.0, jnp.float32), top_k=z(0), top_p=z(1.0, jnp.float32),
+                 max_new=z(m), stop_ids=jnp.full((b, 1), -1, jnp.int32))
+    _, dec = generate._compiled(config, 16)
+    hlo = dec.lower(params, state=state, max_steps=jnp.int32(m)).compile().as_text()
+
+    def shape(x):
+        return f"f32[{','.join(map(str, x.shape))}]"
+
+    guarded = {shape(x) for x in jax.tree.leaves(state["cache"]["k"])}
+    guarded |= {shape(x) for x in jax.tree.leaves(params) if x.ndim >= 2 and x.shape[0] != config.vocab_size}
+    guarded |= {f"f32[{config.n_heads * config.head_dim},{config.dim}]"}  # wo, flattened
+    copies = [line.strip()[:160] for line in hlo.splitlines()
+              if (mt := re.match(r"\s*(?:ROOT )?%([\w.-]+) = (f32\[[\d,]*\])\{[\d,]*\} (\w+)\(", line))
+              and mt.group(2) in guarded
+              and (mt.group(3) in ("copy", "transpose") or (mt.group(3) == "fusion" and re.search(
+                  r"copy|transpose", mt.group(1))))]
+    assert not copies, "\n".join(copies)
+    assert "dot(" in hlo or "fusion" in hlo  # the program was inspected, not an empty text
