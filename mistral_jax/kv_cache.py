@@ -10,8 +10,9 @@ For a windowed model the cache is a rolling buffer of S = min(W, max_total_len) 
 slot p % S, so memory never grows past W however long the generation. Keys are rotated before they are
 cached, so the order of slots does not matter at decode, only which positions they hold: `pos` records the
 absolute position held by each slot (-1 for an empty slot), and the attention mask is built from it.
-Writing (model.cache_write_slots) happens after the new tokens have attended the old cache, because a
-chunk's early positions need keys its late positions overwrite.
+A prefill chunk is written (model.cache_write_slots) after it has attended the old cache, because its early
+positions need keys its late positions overwrite; a decode token is written first (the slot it takes holds a
+position outside its window), so XLA updates the cache in place.
 """
 
 from __future__ import annotations

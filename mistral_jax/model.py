@@ -116,10 +116,11 @@ class Attention(nn.Module):
     lora: LoraSpec | None = None
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None, layer=None, cache_pos=None):
+    def __call__(self, x, positions, segment_ids, cache=None, layer=None, cache_slots=None):
         """x [B, T, D] -> ([B, T, D], cache). With `cache` ({'k','v'}: [L, B, K, S, H], all layers, updated in
-        place at index `layer`; or this layer's [B, K, S, H] when `layer` is None) and `cache_pos` [B, S] (absolute position held by each slot, -1 when empty),
-        the queries attend (cache, new tokens) and the new keys are then written at slot `position % S`."""
+        place at index `layer`; or this layer's [B, K, S, H] when `layer` is None) and `cache_slots` (see
+        _cached_attention), the queries attend (cache, new tokens) and the new keys are written at slot
+        `position % S`."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         d, n, k, h = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
@@ -146,7 +147,7 @@ class Attention(nn.Module):
                 out = self_attention(q, kk, vv, positions, segment_ids, c.sliding_window, c.attention_block)
             new_cache = None
         else:
-            out, new_cache = _cached_attention(q, kk, vv, positions, segment_ids, cache, layer, cache_pos,
+            out, new_cache = _cached_attention(q, kk, vv, positions, segment_ids, cache, layer, cache_slots,
                                                c.sliding_window)
         out = _project(self, "wo", out, wo, "btnh,nhd->btd", 2, ("heads", "head_dim"), ("embed",))
         return out, new_cache
@@ -164,11 +165,13 @@ def cache_write_slots(positions, segment_ids, num_slots: int):
     return jnp.where(keep, positions % num_slots, num_slots).astype(jnp.int32)
 
 
-def _cached_attention(q, k, v, positions, segment_ids, cache, layer, cache_pos, window):
+def _cached_attention(q, k, v, positions, segment_ids, cache, layer, cache_slots, window):
+    """cache_slots = (slots [B, T] where the new tokens go (cache_write_slots), absolute position held by each
+    slot [B, S] before and after the write, -1 when empty): the same for every layer, so Transformer works
+    them out once."""
+    slots, cache_pos, pos_after = cache_slots
     b, t = segment_ids.shape
     valid_new = (segment_ids != 0).astype(jnp.int32)
-    num_slots = cache_pos.shape[1]
-    slots = cache_write_slots(positions, segment_ids, num_slots)
     rows = jnp.arange(b)[:, None]
     # Index arrays around a slice: the update is laid out [B, T, K, H], as k and v are.
     at = (rows, slice(None), slots) if layer is None else (layer, rows, slice(None), slots)
@@ -189,7 +192,6 @@ def _cached_attention(q, k, v, positions, segment_ids, cache, layer, cache_pos, 
         # position p - S, outside the window of the query at p. The reads then depend on the write, so XLA
         # scatters in place; reading first made it copy the whole cache of every layer at every step.
         new_cache = write(cache)
-        pos_after = cache_pos.at[rows, slots].set(positions.astype(cache_pos.dtype), mode="drop")
         ck, cv = layer_kv(new_cache)
         mask = make_mask(positions, pos_after, valid_new, (pos_after >= 0).astype(jnp.int32), window)
         return dot_attention_split(q, (ck,), (cv,), (mask,)), new_cache
@@ -230,10 +232,10 @@ class Block(nn.Module):
     lora: LoraSpec | None = None
 
     @nn.compact
-    def __call__(self, carry, layer, positions, segment_ids, cache_pos):
+    def __call__(self, carry, layer, positions, segment_ids, cache_slots):
         x, cache = carry
         attn, cache = Attention(self.config, self.lora, name="attention")(
-            RMSNorm(self.config, name="attention_norm")(x), positions, segment_ids, cache, layer, cache_pos)
+            RMSNorm(self.config, name="attention_norm")(x), positions, segment_ids, cache, layer, cache_slots)
         h = x + attn
         out = h + FeedForward(self.config, self.lora, name="feed_forward")(RMSNorm(self.config, name="ffn_norm")(h))
         out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
@@ -275,7 +277,12 @@ class Transformer(nn.Module):
         if c.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        cache_pos = None if cache is None else cache["pos"]
+        cache_slots = None
+        if cache is not None:  # where this call's tokens go, and what the slots hold before and after
+            slots = cache_write_slots(positions, segment_ids, cache["pos"].shape[1])
+            new_pos = cache["pos"].at[jnp.arange(b)[:, None], slots].set(
+                positions.astype(cache["pos"].dtype), mode="drop")
+            cache_slots = (slots, cache["pos"], new_pos)
         if c.scan_layers:
             layers = nn.scan(
                 block,
@@ -285,13 +292,13 @@ class Transformer(nn.Module):
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, self.lora, name="layers")
-            (x, new_kv), _ = layers((x, kv), jnp.arange(c.n_layers), positions, segment_ids, cache_pos)
+            (x, new_kv), _ = layers((x, kv), jnp.arange(c.n_layers), positions, segment_ids, cache_slots)
         else:
             new_layers = []
             for i in range(c.n_layers):
                 layer_kv = None if kv is None else {"k": kv["k"][i], "v": kv["v"][i]}
                 (x, layer_kv), _ = block(c, self.lora, name=f"layers_{i}")(
-                    (x, layer_kv), None, positions, segment_ids, cache_pos)
+                    (x, layer_kv), None, positions, segment_ids, cache_slots)
                 new_layers.append(layer_kv)
             new_kv = None if kv is None else {"k": tuple(l["k"] for l in new_layers),
                                               "v": tuple(l["v"] for l in new_layers)}
@@ -307,10 +314,7 @@ class Transformer(nn.Module):
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is None:
             return logits
-        slots = cache_write_slots(positions, segment_ids, cache["pos"].shape[1])
-        rows = jnp.arange(b)[:, None]
-        new_pos = cache["pos"].at[rows, slots].set(positions.astype(cache["pos"].dtype), mode="drop")
-        return logits, {"k": new_kv["k"], "v": new_kv["v"], "pos": new_pos}
+        return logits, {"k": new_kv["k"], "v": new_kv["v"], "pos": cache_slots[2]}
 
 
 # The embedding and head params are declared on the top module (to share the embedding when tied); these
