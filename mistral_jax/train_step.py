@@ -194,6 +194,39 @@ def _jit_train_step(config, opt_cfg, lora_spec, grad_accum, shardings=None):
                    out_shardings=(state_sh, None))
 
 
+# ---- layout on a mesh -------------------------------------------------------------------------------------
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+
+
+def trainable_shardings(mm, config: MistralConfig, lora_spec: LoraSpec | None = None):
+    """Shardings of the trainable tree on the sharding.ModelMesh `mm`: the params' for full fine-tuning, the
+    adapters' logical axes for LoRA (the frozen base keeps mm.param_shardings)."""
+    if lora_spec is None:
+        return mm.param_shardings
+    return mm.logical_shardings(model_lib.lora_logical_axes(config, lora_spec))
+
+
+def state_shardings(mm, abstract_state: State, trainable_sh) -> State:
+    """Shardings of a train state (init_state's tree, abstract): params as `trainable_sh`, optimizer state
+    laid out like the params it tracks, the scalars and RNG replicated."""
+    from .sharding import like_params
+
+    repl = jax.sharding.NamedSharding(mm.mesh, jax.sharding.PartitionSpec())
+    out = jax.tree.map(lambda _: repl, abstract_state)
+    out["params"] = trainable_sh
+    out["opt_state"] = like_params(abstract_state["opt_state"], trainable_sh, mm.mesh)
+    return out
+
+
+def batch_shardings(mm) -> dict:
+    """Shardings of a batch dict: rows over the batch axes (data, fsdp)."""
+    from .sharding import batch_sharding
+
+    s = batch_sharding(mm.mesh, 2, mm.rules)
+    return {k: s for k in BATCH_KEYS}
+
+
 @functools.lru_cache(maxsize=16)
 def jit_eval_step(config: MistralConfig, lora_spec: LoraSpec | None = None) -> Callable:
     """jit(loss_sums) without dropout: (trainable, frozen, batch) -> (NLL sum, loss-token count)."""

@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -449,34 +448,16 @@ class Trainer:
         return None if self.mesh is None else self.mesh.param_shardings
 
     def _trainable_shardings(self):
-        if self.mesh is None:
-            return None
-        if self.lora_spec is None:
-            return self.mesh.param_shardings
-        return self.mesh.logical_shardings(model_lib.lora_logical_axes(self.config, self.lora_spec))
+        return None if self.mesh is None else ts.trainable_shardings(self.mesh, self.config, self.lora_spec)
 
     def _abstract_state(self):
         return jax.eval_shape(lambda p: ts.init_state(p, self.optimizer, self.cfg.seed), self._trainable_shapes())
 
     def _state_shardings(self, abstract):
-        if self.mesh is None:
-            return None
-        from . import sharding
-
-        trainable = self._trainable_shardings()
-        repl = jax.sharding.NamedSharding(self.mesh.mesh, jax.sharding.PartitionSpec())
-        out = jax.tree.map(lambda _: repl, abstract)
-        out["params"] = trainable
-        out["opt_state"] = sharding.like_params(abstract["opt_state"], trainable, self.mesh.mesh)
-        return out
+        return None if self.mesh is None else ts.state_shardings(self.mesh, abstract, self._trainable_shardings())
 
     def _batch_shardings(self):
-        if self.mesh is None:
-            return None
-        from . import sharding
-
-        s = sharding.batch_sharding(self.mesh.mesh, 2, self.mesh.rules)
-        return {k: s for k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
+        return None if self.mesh is None else ts.batch_shardings(self.mesh)
 
     def _place(self, batch):
         if self.mesh is None:

@@ -51,10 +51,7 @@ def _train(params, config, batch, mm=None):
     shardings = None
     if mm is not None:
         abstract = jax.eval_shape(lambda p: ts.init_state(p, opt, 0), params)
-        state_sh = jax.tree.map(lambda _: jax.sharding.NamedSharding(mm.mesh, jax.sharding.PartitionSpec()),
-                                abstract)
-        state_sh["params"] = mm.param_shardings
-        state_sh["opt_state"] = mm.like_params(abstract["opt_state"])
+        state_sh = ts.state_shardings(mm, abstract, mm.param_shardings)  # as the trainer lays them out
         shardings = (state_sh, None, jax.tree.map(lambda x: x.sharding, batch))
     step = ts.jit_train_step(config, opt_cfg, grad_accum=2, shardings=shardings)
     init = jax.jit(lambda p: ts.init_state(p, opt, 0), out_shardings=None if mm is None else shardings[0])

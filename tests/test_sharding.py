@@ -297,8 +297,6 @@ def _train_grads(tmp, kind, mm=None):
 
     import jax
 
-    from mistral_jax import model as model_lib
-    from mistral_jax import sharding
     from mistral_jax import train_step as ts
 
     config, trainable, frozen, spec = _train_setup(tmp, kind)
@@ -307,9 +305,9 @@ def _train_grads(tmp, kind, mm=None):
     if mm is None:
         grads, loss, _ = jax.jit(fn)(trainable, frozen, batch, rng)
         return {"loss": np.asarray(loss), **_flat(grads)}
-    train_sh = mm.param_shardings if spec is None else mm.logical_shardings(model_lib.lora_logical_axes(config, spec))
+    train_sh = ts.trainable_shardings(mm, config, spec)  # as the trainer lays them out
     frozen_sh = None if spec is None else mm.param_shardings
-    batch_sh = {k: sharding.batch_sharding(mm.mesh, 2, mm.rules) for k in batch}
+    batch_sh = ts.batch_shardings(mm)
     trainable, frozen, batch = jax.device_put((trainable, frozen, batch), (train_sh, frozen_sh, batch_sh))
     with mm.activate():
         grads, loss, _ = jax.jit(fn, in_shardings=(train_sh, frozen_sh, batch_sh, None),
