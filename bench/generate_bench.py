@@ -104,7 +104,6 @@ def read_bandwidth():
     f = jax.jit(lambda a: jnp.sum(a))
     f(x).block_until_ready()
     best = min(_timeit(lambda: f(x).block_until_ready()) for _ in range(5))
-    del x
     t = torch.ones(2**28)
     best = min(best, min(_timeit(lambda: t.sum()) for _ in range(5)))
     return 2**30 / best

@@ -217,17 +217,18 @@ class Generator:
         if self.place is not None:
             host = self.place(host)
         logits, cache = pre(self.params, tokens=host["tokens"], lengths=host["lengths"], cache=cache)
+        row_max_new = per_row(max_new, 1, np.int32)
         state = dict(
             cache=cache, logits=logits, out=jnp.zeros((bs, m), jnp.int32),
             n=jnp.zeros((bs,), jnp.int32), pos=jnp.asarray(lengths),
             # Padding rows, and prompts that already fill the context, start done.
-            done=jnp.asarray((np.arange(bs) >= n) | (per_row(max_new, 1, np.int32) <= 0)),
-            reason=jnp.asarray(np.where(per_row(max_new, 1, np.int32) <= 0, 2, 0).astype(np.int32)),
+            done=jnp.asarray((np.arange(bs) >= n) | (row_max_new <= 0)),
+            reason=jnp.asarray(np.where(row_max_new <= 0, 2, 0).astype(np.int32)),
             seeds=jnp.asarray(per_row([s.seed for s in sampling], 0, np.uint32)),
             temperature=jnp.asarray(per_row([s.temperature for s in sampling], 0.0, np.float32)),
             top_k=jnp.asarray(per_row([s.top_k for s in sampling], 0, np.int32)),
             top_p=jnp.asarray(per_row([s.top_p for s in sampling], 1.0, np.float32)),
-            max_new=jnp.asarray(per_row(max_new, 1, np.int32)),
+            max_new=jnp.asarray(row_max_new),
             stop_ids=jnp.asarray(stop_ids),
         )
         need_host = on_update is not None or any(s.stop_strings for s in sampling)

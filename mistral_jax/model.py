@@ -122,7 +122,6 @@ class Attention(nn.Module):
         _cached_attention), the queries attend (cache, new tokens) and the new keys are written at slot
         `position % S`."""
         c = self.config
-        dt = jnp.dtype(c.dtype)
         d, n, k, h = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
         wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"))
         wk = _param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"))
