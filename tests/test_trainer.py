@@ -346,3 +346,35 @@ def test_config_file_and_flags(data, tmp_path, capsys):
     assert "demo.yaml" in configs and "mistral-7b-lora-v5e-8.yaml" in configs
     for name in configs:
         TrainConfig.from_yaml(os.path.join(REPO, "configs", name))
+
+
+SETUP_ERROR_SCRIPT = """
+import json, sys
+from mistral_jax.trainer import TrainConfig, Trainer
+try:
+    Trainer(TrainConfig.from_dict(json.loads(sys.argv[1])))
+except ValueError as e:
+    print(e)
+    sys.exit(0)
+sys.exit(1)
+"""
+
+
+def test_start_up_refusals_name_the_tokenizer_and_the_mesh(data, base_dir, tmp_path):
+    """Two start-up errors met while building multi-host training, each refused before any weight is read:
+    a tokenizer with more pieces than the model's vocabulary, and a microbatch that does not split over the
+    mesh's data-parallel devices."""
+    from hf_models import make_hf_model
+
+    make_hf_model(0, vocab_size=128)[0].save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match=r"tokenizer \S+ has 32000 pieces, more than the model's vocab_size 128"):
+        Trainer(make_cfg(data, tmp_path / "o1", tmp_path / "small"))
+
+    cfg = make_cfg(data, tmp_path / "o2", base_dir, mesh="fsdp=2", batch_size=3)
+    proc = subprocess.run([sys.executable, "-c", SETUP_ERROR_SCRIPT, json.dumps(cfg.to_dict())],
+                          env=subprocess_env("--xla_force_host_platform_device_count=2"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("batch_size / grad_accum = 3 rows must be a multiple of the data-parallel size 2 of mesh 'fsdp=2'"
+            in proc.stdout), proc.stdout
+    assert not os.path.exists(tmp_path / "o2" / "checkpoints")
