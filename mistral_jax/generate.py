@@ -123,7 +123,7 @@ def decode(params, config: MistralConfig, state, max_steps):
 
 
 # XLA:CPU sends matmuls to YNNPACK by default. For decode's few-row products ([B, D] x [D, F], B <= 32) its
-# Eigen path is faster on the machines we measured (1.2-1.8x at B = 8 and 32 on the 125M benchmark); prefill's
+# Eigen path was faster in our profiles at B = 8 and 32 on the 125M benchmark; prefill's
 # many-row products keep the default.
 _CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 

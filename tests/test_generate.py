@@ -193,7 +193,7 @@ def test_generation_stops_at_the_context_length(tmp_path):
 def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path):
     """The compiled decode loop, as the tools run it on the CPU (unrolled layers), holds no copy or transpose of
     a KV-cache buffer or of a weight: each step writes the cache in place and reads every weight as stored.
-    Each such copy once cost 5-60 ms per step on the 125M benchmark (docs/benchmarks.md)."""
+    Such copies once slowed decode on the 125M benchmark (docs/benchmarks.md)."""
     import re
 
     import jax.numpy as jnp
