@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .attention import (dot_attention_split, fused_self_attention, make_mask, self_attention,
                         splash_self_attention)
@@ -387,6 +388,11 @@ def apply(params: Params, config: MistralConfig, tokens, positions=None, segment
         variables, tokens, positions, segment_ids, cache, logits_at, rngs=rngs)
 
 
+def _one_cpu_device(x) -> bool:
+    return isinstance(x, jax.Array) and len(x.sharding.device_set) == 1 and \
+        next(iter(x.sharding.device_set)).platform == "cpu"
+
+
 def unstack_params(params: Params, config: MistralConfig) -> tuple[Params, MistralConfig]:
     """Stacked layers [L, ...] -> a tuple of L per-layer trees, and the config with scan_layers=False.
 
@@ -396,8 +402,18 @@ def unstack_params(params: Params, config: MistralConfig) -> tuple[Params, Mistr
     leaves, treedef = jax.tree.flatten(params["layers"])
     per_layer = [[] for _ in range(config.n_layers)]
     for leaf in leaves:
+        if _one_cpu_device(leaf):
+            # Sliced on the host: indexing the jax.Array would compile and run one program per leaf shape.
+            host = np.asarray(leaf)
+            sh = leaf.sharding
+            if isinstance(sh, jax.sharding.NamedSharding):  # the same mesh axes, less the layer axis
+                sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+            slices = [jax.device_put(host[i].copy(), sh) for i in range(config.n_layers)]
+            del host
+        else:
+            slices = [leaf[i] for i in range(config.n_layers)]
         for i in range(config.n_layers):
-            per_layer[i].append(leaf[i])
+            per_layer[i].append(slices[i])
         if isinstance(leaf, jax.Array):
             leaf.delete()
     layers = tuple(jax.tree.unflatten(treedef, xs) for xs in per_layer)
