@@ -8,9 +8,10 @@
 Input rows: {"id", "prompt": str} (BOS added), {"id", "messages": [...]} (the tokenizer's chat format) or
 {"id", "prompt_ids": [int]} (as given); a row may also carry its own "seed" (default: derived from --seed
 and the id). Output rows, in input order:
-{"id", "completion", "completion_ids", "finish_reason", "prompt_tokens", "completion_tokens"}. Output is
-appended and flushed per batch: re-running the same command skips ids already written. A bad row becomes
-{"id", "error"} and the job goes on.
+{"id", "completion", "completion_ids", "finish_reason", "prompt_tokens", "completion_tokens"}. Rows are
+batched by prompt length within windows of 8 batches (less padding); output is appended and flushed after
+every batch, each row as soon as the rows before it are written: re-running the same command skips ids
+already written and regenerates the rest. A bad row becomes {"id", "error"} and the job goes on.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from tqdm import tqdm
 
 from mistral_jax import api, distributed, jsonl, launch, memory_plan
 from mistral_jax.generate import SamplingParams
+
+
+WINDOW_BATCHES = 8  # batches read ahead and sorted by prompt length
 
 
 def parse_args(argv=None):
@@ -134,29 +138,53 @@ def main(argv=None) -> int:
     compile_before = timer.seconds
     with open(distributed.output_path(args.output), "a", encoding="utf-8") as out, \
             tqdm(total=len(rows), desc="generate", unit="row") as bar, mm.activate():
-        for start in range(0, len(rows), args.batch_size):
-            batch = rows[start:start + args.batch_size]
-            parsed = [prompt_of(r, model, args.input) for r in batch]
-            good = [i for i, (ids, _) in enumerate(parsed) if ids is not None]
-            sampling = [dataclasses.replace(base, seed=row_seed(batch[i], args.seed)) for i in good]
-            comps = dict(zip(good, model.generator.generate([parsed[i][0] for i in good], sampling))) if good else {}
-            for i, (row, (ids, err)) in enumerate(zip(batch, parsed)):
-                if err:
-                    print(f"error: {err}", file=sys.stderr)
-                    jsonl.write_row(out, {"id": row.id, "error": err})
+        # Rows are read a window of WINDOW_BATCHES batches at a time and batched by prompt length within it
+        # (less padding); each finished row is written, in input order, as soon as the rows before it are.
+        window = args.batch_size * WINDOW_BATCHES
+        for start in range(0, len(rows), window):
+            block = rows[start:start + window]
+            parsed = [prompt_of(r, model, args.input) for r in block]
+            results: dict[int, dict] = {}
+            written = [0]
+
+            def record(i, result):
+                nonlocal n_rows, n_err, n_tokens
+                results[i] = result
+                if "error" in result:
+                    print(f"error: {result['error']}", file=sys.stderr)
                     n_err += 1
-                    continue
-                c = comps[i]
-                jsonl.write_row(out, {"id": row.id, "completion": c.text, "completion_ids": c.ids,
-                                      "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                                      "completion_tokens": c.completion_tokens})
-                n_rows += 1
-                n_tokens += c.completion_tokens
-            out.flush()
-            if distributed.is_main():  # the others write to os.devnull, which fsync refuses
-                os.fsync(out.fileno())
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=rate(n_tokens, time.perf_counter() - t_gen - (timer.seconds - compile_before)))
+                else:
+                    n_rows += 1
+                    n_tokens += result["completion_tokens"]
+
+            def flush_ready():
+                before = written[0]
+                while written[0] < len(block) and written[0] in results:
+                    jsonl.write_row(out, results.pop(written[0]))
+                    written[0] += 1
+                out.flush()
+                if distributed.is_main():  # the others write to os.devnull, which fsync refuses
+                    os.fsync(out.fileno())
+                bar.update(written[0] - before)
+                bar.set_postfix(tok_s=rate(n_tokens, time.perf_counter() - t_gen - (timer.seconds - compile_before)))
+
+            for i, (row, (ids, err)) in enumerate(zip(block, parsed)):
+                if err:
+                    record(i, {"id": row.id, "error": err})
+            good = [i for i, (ids, _) in enumerate(parsed) if ids is not None]
+
+            def on_batch(idx, comps):
+                for k, c in zip(idx, comps):
+                    i = good[k]
+                    record(i, {"id": block[i].id, "completion": c.text, "completion_ids": c.ids,
+                               "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                               "completion_tokens": c.completion_tokens})
+                flush_ready()
+
+            flush_ready()  # error rows before the first good one
+            if good:
+                sampling = [dataclasses.replace(base, seed=row_seed(block[i], args.seed)) for i in good]
+                model.generator.generate([parsed[i][0] for i in good], sampling, on_batch=on_batch)
     total = time.perf_counter() - t_start
     gen_s = time.perf_counter() - t_gen - (timer.seconds - compile_before)
     print(f"rows: {n_rows} generated, {n_err} errors; tokens: {n_tokens}; "

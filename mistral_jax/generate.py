@@ -130,10 +130,15 @@ _CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 @functools.lru_cache(maxsize=None)
 def _compiled(config: MistralConfig, chunk: int):
+    """(prefill, decode) jitted for `config`; prefill per chunk length, decode shared by every chunk length."""
     pre = jax.jit(functools.partial(prefill, config=config, chunk=chunk), donate_argnames=("cache",))
+    return pre, _compiled_decode(config)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_decode(config: MistralConfig):
     options = _CPU_DECODE_OPTIONS if jax.default_backend() == "cpu" else None
-    dec = jax.jit(functools.partial(decode, config=config), donate_argnames=("state",), compiler_options=options)
-    return pre, dec
+    return jax.jit(functools.partial(decode, config=config), donate_argnames=("state",), compiler_options=options)
 
 
 # ---- host driver -----------------------------------------------------------------------------------------
@@ -163,11 +168,15 @@ class Generator:
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
                  on_update: Callable[[int, Completion], None] | None = None,
-                 steps_per_call: int | None = None) -> list[Completion]:
+                 steps_per_call: int | None = None,
+                 on_batch: Callable[[list[int], list[Completion]], None] | None = None) -> list[Completion]:
         """Completions for `prompts` (lists of ids), in order. `sampling` is one setting or one per prompt.
 
-        `on_update(i, partial_completion)` is called after each compiled call of `steps_per_call` tokens
-        (streaming); stop strings are also checked there (default: 16 tokens per call when needed)."""
+        Prompts are batched by length (shortest first), so a batch pads its rows to a length close to its
+        longest; results come back in the order given. `on_batch(indices, completions)` is called after each
+        batch with the indices (into `prompts`) it held. `on_update(i, partial_completion)` is called after
+        each compiled call of `steps_per_call` tokens (streaming); stop strings are also checked there
+        (default: 16 tokens per call when needed)."""
         if isinstance(sampling, SamplingParams):
             sampling = [sampling] * len(prompts)
         if len(sampling) != len(prompts):
@@ -177,13 +186,16 @@ class Generator:
             if err:
                 raise ValueError(f"prompt {i}: {err}")
         results: list[Completion | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))  # stable: ties keep their order
         for start in range(0, len(prompts), self.batch_size):
-            idx = list(range(start, min(start + self.batch_size, len(prompts))))
-            for j, comp in zip(idx, self._batch([list(prompts[j]) for j in idx], [sampling[j] for j in idx],
-                                                None if on_update is None else
-                                                (lambda k, c, _idx=idx: on_update(_idx[k], c)),
-                                                steps_per_call)):
+            idx = order[start:start + self.batch_size]
+            comps = self._batch([list(prompts[j]) for j in idx], [sampling[j] for j in idx],
+                                None if on_update is None else (lambda k, c, _idx=idx: on_update(_idx[k], c)),
+                                steps_per_call)
+            for j, comp in zip(idx, comps):
                 results[j] = comp
+            if on_batch is not None:
+                on_batch(idx, comps)
         return results
 
     def _batch(self, prompts, sampling, on_update, steps_per_call):
@@ -196,7 +208,10 @@ class Generator:
         chunk = min(self.prefill_chunk, t)
         t = -(-t // chunk) * chunk
         m = bucket_length(max(max_new), 1 << 30)
-        slots = self.cache_slots or num_slots(c, t + m)
+        # Cache slots for prompt + completion, rounded up to a power of two (still at most the window): the
+        # decode program depends on them, so a job whose batches have different prompt buckets compiles one
+        # decode program, not one per bucket.
+        slots = self.cache_slots or num_slots(c, min(1 << (t + m - 1).bit_length(), c.max_seq_len))
         tokens, lengths = pad_rows(prompts, bs, t)
 
         stop_lists = [list(s.stop_token_ids) if s.stop_token_ids is not None else [self.eos_id] for s in sampling]
@@ -218,24 +233,25 @@ class Generator:
             host = self.place(host)
         logits, cache = pre(self.params, tokens=host["tokens"], lengths=host["lengths"], cache=cache)
         row_max_new = per_row(max_new, 1, np.int32)
+        put = jax.device_put  # host arrays are transferred, not built by small compiled programs
         state = dict(
-            cache=cache, logits=logits, out=jnp.zeros((bs, m), jnp.int32),
-            n=jnp.zeros((bs,), jnp.int32), pos=jnp.asarray(lengths),
+            cache=cache, logits=logits, out=put(np.zeros((bs, m), np.int32)),
+            n=put(np.zeros((bs,), np.int32)), pos=put(lengths),
             # Padding rows, and prompts that already fill the context, start done.
-            done=jnp.asarray((np.arange(bs) >= n) | (row_max_new <= 0)),
-            reason=jnp.asarray(np.where(row_max_new <= 0, 2, 0).astype(np.int32)),
-            seeds=jnp.asarray(per_row([s.seed for s in sampling], 0, np.uint32)),
-            temperature=jnp.asarray(per_row([s.temperature for s in sampling], 0.0, np.float32)),
-            top_k=jnp.asarray(per_row([s.top_k for s in sampling], 0, np.int32)),
-            top_p=jnp.asarray(per_row([s.top_p for s in sampling], 1.0, np.float32)),
-            max_new=jnp.asarray(row_max_new),
-            stop_ids=jnp.asarray(stop_ids),
+            done=put((np.arange(bs) >= n) | (row_max_new <= 0)),
+            reason=put(np.where(row_max_new <= 0, 2, 0).astype(np.int32)),
+            seeds=put(per_row([s.seed for s in sampling], 0, np.uint32)),
+            temperature=put(per_row([s.temperature for s in sampling], 0.0, np.float32)),
+            top_k=put(per_row([s.top_k for s in sampling], 0, np.int32)),
+            top_p=put(per_row([s.top_p for s in sampling], 1.0, np.float32)),
+            max_new=put(row_max_new),
+            stop_ids=put(stop_ids),
         )
         need_host = on_update is not None or any(s.stop_strings for s in sampling)
         step = steps_per_call or (16 if need_host else m)
         cut: dict[int, tuple[list[int], str]] = {}  # rows stopped by a stop string: (ids, text)
         while True:
-            state = dec(self.params, state=state, max_steps=jnp.int32(step))
+            state = dec(self.params, state=state, max_steps=np.int32(step))
             out, cnt, done, reason = self.fetch((state["out"], state["n"], state["done"], state["reason"]))
             if need_host:
                 newly_done = []
@@ -254,7 +270,7 @@ class Generator:
                 if newly_done:
                     d = np.array(done)
                     d[newly_done] = True
-                    state["done"] = jnp.asarray(d)
+                    state["done"] = jax.device_put(d)
                     done = d
             if done[:n].all():
                 break
