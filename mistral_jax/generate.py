@@ -21,7 +21,7 @@ from . import model as model_lib
 from .batching import bucket_length, pad_rows
 from .config import MistralConfig
 from .kv_cache import cache_shape, init_cache, num_slots
-from .sampling import sample
+from .sampling import greedy, sample
 
 EOS_ID = 2
 _REASONS = {1: "stop", 2: "length"}
@@ -85,8 +85,10 @@ def prefill(params, config: MistralConfig, tokens, lengths, cache, chunk: int):
     return logits[last, jnp.arange(b)], cache
 
 
-def decode(params, config: MistralConfig, state, max_steps):
-    """Runs the decode loop for at most `max_steps` tokens or until every row is done.
+def decode(params, config: MistralConfig, state, max_steps, sampled: bool = True):
+    """Runs the decode loop for at most `max_steps` tokens or until every row is done. `sampled=False` (static)
+    compiles a greedy-only loop: the sampler (top-k, top-p, sort, random draws) roughly doubled the decode
+    program's compile time on the CPU, and an all-greedy batch never runs it.
 
     state: cache, logits [B, V] (next-token logits), out [B, M], n [B] (tokens generated), pos [B] (position
     of the next token fed), done [B], reason [B] (1 stop, 2 length), and per-row settings seeds,
@@ -101,7 +103,8 @@ def decode(params, config: MistralConfig, state, max_steps):
     def body(carry):
         i, st = carry
         active = ~st["done"]
-        tok = sample(st["logits"], st["seeds"], st["n"], st["temperature"], st["top_k"], st["top_p"])
+        tok = sample(st["logits"], st["seeds"], st["n"], st["temperature"], st["top_k"], st["top_p"]) \
+            if sampled else greedy(st["logits"])
         out = st["out"].at[rows, st["n"]].set(jnp.where(active, tok, 0), mode="drop")
         n = st["n"] + active
         is_stop = active & jnp.any(tok[:, None] == st["stop_ids"], axis=-1)
@@ -138,7 +141,8 @@ def _compiled(config: MistralConfig, chunk: int):
 @functools.lru_cache(maxsize=None)
 def _compiled_decode(config: MistralConfig):
     options = _CPU_DECODE_OPTIONS if jax.default_backend() == "cpu" else None
-    return jax.jit(functools.partial(decode, config=config), donate_argnames=("state",), compiler_options=options)
+    return jax.jit(functools.partial(decode, config=config), donate_argnames=("state",), static_argnames=("sampled",),
+                   compiler_options=options)
 
 
 # ---- host driver -----------------------------------------------------------------------------------------
@@ -247,11 +251,12 @@ class Generator:
             max_new=put(row_max_new),
             stop_ids=put(stop_ids),
         )
+        sampled = any(s.temperature > 0 for s in sampling)
         need_host = on_update is not None or any(s.stop_strings for s in sampling)
         step = steps_per_call or (16 if need_host else m)
         cut: dict[int, tuple[list[int], str]] = {}  # rows stopped by a stop string: (ids, text)
         while True:
-            state = dec(self.params, state=state, max_steps=np.int32(step))
+            state = dec(self.params, state=state, max_steps=np.int32(step), sampled=sampled)
             out, cnt, done, reason = self.fetch((state["out"], state["n"], state["done"], state["reason"]))
             if need_host:
                 newly_done = []

@@ -92,6 +92,11 @@ def _filter(scaled, top_k, top_p, active):
     return jnp.where(scaled >= thresh[:, None], scaled, -jnp.inf)
 
 
+def greedy(logits):
+    """[B, V] -> int32 [B]: the first maximum of each row (argmax), as torch / transformers."""
+    return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
+
+
 def sample(logits, seeds, steps, temperature, top_k, top_p):
     """logits [B, V] float32; seeds [B] uint32/int32 (per-row seed); steps [B] int32 (index of the token being
     generated in that row, i.e. 0 for the first new token); temperature [B] float32 (0 = greedy argmax);
@@ -101,7 +106,7 @@ def sample(logits, seeds, steps, temperature, top_k, top_p):
     temperature = temperature.astype(jnp.float32)
     top_k = top_k.astype(jnp.int32)
     top_p = top_p.astype(jnp.float32)
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_tokens = greedy(logits)
     sampled_rows = temperature > 0
 
     def draw(_):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from mistral_jax.sampling import PREFIX, _filter, _thresholds, sample
+from mistral_jax.sampling import PREFIX, _filter, _thresholds, greedy, sample
 
 sample_jit = jax.jit(sample)
 B, V = 32, 400  # one shape for most tests: each new shape is a ~2 s CPU compilation
@@ -68,6 +68,8 @@ def test_greedy_is_argmax_first_on_ties():
         np.testing.assert_array_equal(out, np.argmax(logits, axis=-1))
     assert out[0] == 3 and out[1] == 0
     assert out.dtype == np.int32
+    # the greedy-only decode program's sampler (generate.decode with sampled=False)
+    np.testing.assert_array_equal(np.asarray(greedy(jnp.asarray(logits))), out)
 
 
 def test_tiny_temperature_equals_greedy():
