@@ -7,7 +7,10 @@ Prints, in one run:
      load and compile included: `python -m infer.generate` (cold compile cache, then warm) against a
      transformers script doing the same; tokens/s and the ratio;
   2. decode tokens/s at batch 1, 8 and 32 for both, and batch-1 decode as a fraction of this machine's
-     memory-bandwidth ceiling (weight + KV-cache bytes read per token over a measured read bandwidth).
+     memory-bandwidth ceiling (weight + KV-cache bytes read per token over a measured read bandwidth);
+  3. a floor under the whole job's time for any implementation on XLA:CPU's matmul kernels: the import, the
+     prefill FLOPs of the real prompt tokens at this machine's large-matmul rate, and the job's decode steps
+     timed as their weight products alone at batch 8; and the best whole-job ratio that floor allows.
 Config: dim 768, 12 layers, 12 heads, 4 KV heads, head_dim 64, ffn 2048, vocab 32000, window 256, f32.
 """
 
@@ -74,7 +77,7 @@ def whole_job(tmp, hf_dir):
     inp = os.path.join(tmp, "prompts.jsonl")
     with open(inp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    results = {}
+    results = {"prompt_lengths": [len(r["prompt_ids"]) for r in rows]}
     cache = os.path.join(tmp, "xla-cache")
     for label in ("cold", "warm"):
         out = os.path.join(tmp, f"out-{label}.jsonl")
@@ -166,6 +169,59 @@ def decode_rates(hf_dir, hf_model, batches, steps, bandwidths):
     return config, ours, theirs
 
 
+def decode_matmul_step(params, batch, repeats=16):
+    """Seconds of one decode step's weight products alone at `batch` rows, with XLA:CPU's kernels: x [batch, D]
+    through every layer's wq, wk, wv, wo, w1, w3, w2 and the head, nothing else (no attention, norms or
+    sampling). The best of the decode program's options (Eigen) and XLA's default (YNNPACK)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mistral_jax.generate import _CPU_DECODE_OPTIONS
+
+    def products(x, params):
+        for lp in params["layers"]:
+            a, f = lp["attention"], lp["feed_forward"]
+            flat = lambda w: w.reshape(w.shape[0], -1)  # noqa: E731
+            q = x @ flat(a["wq"])
+            x = x + 1e-3 * ((q + (x @ flat(a["wk"])).sum() + (x @ flat(a["wv"])).sum())
+                            @ a["wo"].reshape(-1, x.shape[1]))
+            x = x + 1e-3 * (((x @ f["w1"]) * (x @ f["w3"])) @ f["w2"])
+        return x, x @ params["output"]["kernel"]
+
+    def steps(x, params):
+        def body(_, carry):
+            x, acc = carry
+            x, logits = products(x, params)
+            return x + 1e-6 * logits[:, :1], acc + logits[:, 0].sum()
+        return jax.lax.fori_loop(0, repeats, body, (x, jnp.float32(0)))
+
+    x = jnp.ones((batch, params["norm"]["scale"].shape[0]), jnp.float32)
+    best = float("inf")
+    for options in (_CPU_DECODE_OPTIONS, None):
+        f = jax.jit(steps, compiler_options=options)
+        jax.block_until_ready(f(x, params))
+        best = min(best, min(_timeit(lambda: jax.block_until_ready(f(x, params))) for _ in range(3)) / repeats)
+    return best
+
+
+def prefill_flops(config, lengths):
+    """FLOPs of prefilling prompts of these lengths with no padding: the weight products of every token, the
+    causal windowed attention scores and mixing, and the head at each prompt's last position only."""
+    layer_params = (config.num_params - 2 * config.vocab_size * config.dim) // config.n_layers  # no embedding/head
+    window = config.sliding_window or max(lengths)
+    total = 0.0
+    for n in lengths:
+        keys = sum(min(i + 1, window) for i in range(n))
+        total += 2 * n * layer_params * config.n_layers
+        total += 4 * config.n_layers * config.n_heads * config.head_dim * keys
+        total += 2 * config.dim * config.vocab_size
+    return total
+
+
+def import_seconds():
+    return min(run_process([sys.executable, "-c", "import jax, flax, mistral_jax.api"])[0] for _ in range(2))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the batch-32 decode")
@@ -183,6 +239,13 @@ def main():
         config, ours, theirs = decode_rates(hf_dir, hf_model, batches, NEW, bandwidths)
         bandwidths.append(read_bandwidth())
         bw = max(bandwidths)
+        if job:
+            from mistral_jax import api
+            from train_bench import matmul_flops_per_s
+
+            step8 = decode_matmul_step(api.load_model(hf_dir).params, 8)
+            peak = matmul_flops_per_s()
+            t_import = import_seconds()
 
     print(f"machine: {os.cpu_count()} CPU cores; torch {torch.__version__}")
     print("\n1. whole batch job: 32 prompts of 65-192 tokens, 64 new greedy tokens, batch 8 (whole processes)")
@@ -204,6 +267,24 @@ def main():
           f"{', '.join(f'{x / 1e9:.1f}' for x in bandwidths)} GB/s): {bw / 1e9:.1f} GB/s; bytes per batch-1 token: "
           f"{(weight_bytes + kv_bytes) / 1e6:.0f} MB; ceiling {ceiling:.1f} tok/s")
     print(f"   batch-1 decode: {ours[1]:.1f} tok/s = {100 * ours[1] / ceiling:.0f}% of the bandwidth ceiling")
+
+    if job:
+        # What bounds the whole-job ratio: a floor under any implementation built on XLA:CPU's matmul kernels.
+        lengths = job["prompt_lengths"]
+        n_batches = -(-len(lengths) // 8)
+        t_dec = n_batches * NEW * step8
+        t_pre = prefill_flops(config, lengths) / peak
+        t_hf = job["transformers"][1]
+        floor = t_import + t_pre + t_dec
+        print("\n3. a floor under the whole job (same machine, same run)")
+        print(f"   python + jax import: {t_import:.1f}s")
+        print(f"   prefill of the {sum(lengths)} prompt tokens, no padding, at the 4096^3 matmul rate "
+              f"({peak / 1e9:.0f} GFLOP/s): {t_pre:.1f}s")
+        print(f"   decode: {n_batches} batches x {NEW} steps x {step8 * 1e3:.1f} ms, the weight products alone of one "
+              f"batch-8 step with XLA:CPU's kernels: {t_dec:.1f}s (ours, whole steps: "
+              f"{n_batches * NEW * 8 / ours[8]:.1f}s)")
+        print(f"   floor {floor:.1f}s, no load or compile counted: at most {t_hf / floor:.2f}x transformers' "
+              f"{t_hf:.1f}s")
 
 
 if __name__ == "__main__":
