@@ -205,17 +205,10 @@ def decode_matmul_step(params, batch, repeats=16):
 
 
 def prefill_flops(config, lengths):
-    """FLOPs of prefilling prompts of these lengths with no padding: the weight products of every token, the
-    causal windowed attention scores and mixing, and the head at each prompt's last position only."""
-    layer_params = (config.num_params - 2 * config.vocab_size * config.dim) // config.n_layers  # no embedding/head
-    window = config.sliding_window or max(lengths)
-    total = 0.0
-    for n in lengths:
-        keys = sum(min(i + 1, window) for i in range(n))
-        total += 2 * n * layer_params * config.n_layers
-        total += 4 * config.n_layers * config.n_heads * config.head_dim * keys
-        total += 2 * config.dim * config.vocab_size
-    return total
+    """FLOPs of prefilling prompts of these lengths with no padding, the head at each one's last position."""
+    from train_bench import forward_flops
+
+    return sum(forward_flops(config, n, head_tokens=1) for n in lengths)
 
 
 def import_seconds():

@@ -9,8 +9,8 @@ donated); theirs is MistralForCausalLM(labels=...) + loss.backward() + clip_grad
 The first `warmup` steps (compilation for us, allocator warm-up for torch) are not timed.
 
 MFU is against this machine's float32 matmul rate, measured here with a 4096^3 jnp matmul. Training FLOPs per
-token = 6 N (N = params doing matmuls: all but the embedding table) + 6 x layers x heads x head_dim x keys
-attended on average (causal, window-limited).
+token = 6 N (N = params doing matmuls: all but the embedding table) + 12 x layers x heads x head_dim x keys
+attended on average (causal, window-limited): three forward passes of forward_flops.
 """
 
 from __future__ import annotations
@@ -44,11 +44,22 @@ def matmul_flops_per_s(n: int = 4096, repeats: int = 3) -> float:
     return 2 * n**3 / best
 
 
-def flops_per_token(config, seq: int) -> float:
+def forward_flops(config, seq: int, head_tokens: int | None = None) -> float:
+    """FLOPs of one forward pass over a sequence of `seq` tokens: every weight product (the output head at
+    `head_tokens` positions, default all), and per head the attention scores (q . k) and mixing (p . v), 2 x
+    head_dim FLOPs each per key a query attends (causal, within the window)."""
     n_matmul = config.num_params - config.vocab_size * config.dim  # the embedding lookup does no matmul
+    head = config.vocab_size * config.dim
     window = config.sliding_window or seq
-    keys = np.mean([min(i + 1, window) for i in range(seq)])  # keys each query attends, on average
-    return 6 * n_matmul + 6 * config.n_layers * config.n_heads * config.head_dim * keys
+    keys = sum(min(i + 1, window) for i in range(seq))
+    head_tokens = seq if head_tokens is None else head_tokens
+    return (2 * seq * (n_matmul - head) + 2 * head_tokens * head
+            + 4 * config.n_layers * config.n_heads * config.head_dim * keys)
+
+
+def flops_per_token(config, seq: int) -> float:
+    """Training FLOPs per token: forward and backward, three forward passes."""
+    return 3 * forward_flops(config, seq) / seq
 
 
 def batch_arrays(batch: int, seq: int, vocab: int):
