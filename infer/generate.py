@@ -145,7 +145,7 @@ def main(argv=None) -> int:
             block = rows[start:start + window]
             parsed = [prompt_of(r, model, args.input) for r in block]
             results: dict[int, dict] = {}
-            written = [0]
+            written = 0  # rows of the block already in the output
 
             def record(i, result):
                 nonlocal n_rows, n_err, n_tokens
@@ -158,14 +158,15 @@ def main(argv=None) -> int:
                     n_tokens += result["completion_tokens"]
 
             def flush_ready():
-                before = written[0]
-                while written[0] < len(block) and written[0] in results:
-                    jsonl.write_row(out, results.pop(written[0]))
-                    written[0] += 1
+                nonlocal written
+                before = written
+                while written in results:
+                    jsonl.write_row(out, results.pop(written))
+                    written += 1
                 out.flush()
                 if distributed.is_main():  # the others write to os.devnull, which fsync refuses
                     os.fsync(out.fileno())
-                bar.update(written[0] - before)
+                bar.update(written - before)
                 bar.set_postfix(tok_s=rate(n_tokens, time.perf_counter() - t_gen - (timer.seconds - compile_before)))
 
             for i, (row, (ids, err)) in enumerate(zip(block, parsed)):

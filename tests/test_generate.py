@@ -177,6 +177,11 @@ def test_generate_job_resumes_and_reports_bad_rows(tok_model, tmp_path, monkeypa
     prompt = tok.encode_chat([{"role": "user", "content": "Hi there"}])
     assert m_row["prompt_tokens"] == len(prompt) and m_row["completion_ids"] == _hf_greedy(model, prompt, 6)
 
+    # One row per batch: two windows of 8 batches, each sorted by length; the same rows in the same order.
+    one_out = tmp_path / "one.jsonl"
+    assert gen_cli.main(args[:-1] + ["1", "--output", str(one_out)]) == 0
+    assert [json.loads(x) for x in one_out.read_text().splitlines()] == full
+
     # A crash after 4 rows, mid-write of the 5th: the re-run skips what was written and loses nothing.
     out = tmp_path / "resumed.jsonl"
     lines = full_out.read_text().splitlines()
