@@ -169,38 +169,46 @@ def decode_rates(hf_dir, hf_model, batches, steps, bandwidths):
     return config, ours, theirs
 
 
-def decode_matmul_step(params, batch, repeats=16):
+def decode_matmul_step(hf_dir, batch, repeats=16):
     """Seconds of one decode step's weight products alone at `batch` rows, with XLA:CPU's kernels: x [batch, D]
     through every layer's wq, wk, wv, wo, w1, w3, w2 and the head, nothing else (no attention, norms or
-    sampling). The best of the decode program's options (Eigen) and XLA's default (YNNPACK)."""
+    sampling). The best of both weight layouts (in-major, out-major; see model._matmul) each with Eigen and
+    with XLA's default (YNNPACK)."""
     import jax
     import jax.numpy as jnp
 
-    from mistral_jax.generate import _CPU_DECODE_OPTIONS
+    from mistral_jax import api
+    from mistral_jax.generate import _CPU_IN_MAJOR_DECODE_OPTIONS
+    from mistral_jax.model import _matmul
 
-    def products(x, params):
-        for lp in params["layers"]:
-            a, f = lp["attention"], lp["feed_forward"]
-            flat = lambda w: w.reshape(w.shape[0], -1)  # noqa: E731
-            q = x @ flat(a["wq"])
-            x = x + 1e-3 * ((q + (x @ flat(a["wk"])).sum() + (x @ flat(a["wv"])).sum())
-                            @ a["wo"].reshape(-1, x.shape[1]))
-            x = x + 1e-3 * (((x @ f["w1"]) * (x @ f["w3"])) @ f["w2"])
-        return x, x @ params["output"]["kernel"]
+    def steps(x, params, out_major):
+        def mm(x, w, n_in=1):
+            return _matmul(x, w, n_in, out_major)
 
-    def steps(x, params):
+        def products(x):
+            for lp in params["layers"]:
+                a, f = lp["attention"], lp["feed_forward"]
+                q = mm(x, a["wq"])
+                q = q + mm(x, a["wk"]).sum() + mm(x, a["wv"]).sum()
+                x = x + 1e-3 * mm(q, a["wo"], 2)
+                x = x + 1e-3 * mm(mm(x, f["w1"]) * mm(x, f["w3"]), f["w2"])
+            return x, mm(x, params["output"]["kernel"])
+
         def body(_, carry):
             x, acc = carry
-            x, logits = products(x, params)
+            x, logits = products(x)
             return x + 1e-6 * logits[:, :1], acc + logits[:, 0].sum()
         return jax.lax.fori_loop(0, repeats, body, (x, jnp.float32(0)))
 
-    x = jnp.ones((batch, params["norm"]["scale"].shape[0]), jnp.float32)
     best = float("inf")
-    for options in (_CPU_DECODE_OPTIONS, None):
-        f = jax.jit(steps, compiler_options=options)
-        jax.block_until_ready(f(x, params))
-        best = min(best, min(_timeit(lambda: jax.block_until_ready(f(x, params))) for _ in range(3)) / repeats)
+    for out_major in (False, True):
+        loaded = api.load_model(hf_dir, out_major=out_major)
+        x = jnp.ones((batch, loaded.config.dim), jnp.float32)
+        for options in (_CPU_IN_MAJOR_DECODE_OPTIONS, None):
+            f = jax.jit(lambda x, p: steps(x, p, out_major), compiler_options=options)
+            jax.block_until_ready(f(x, loaded.params))
+            best = min(best, min(_timeit(lambda: jax.block_until_ready(f(x, loaded.params)))
+                                 for _ in range(3)) / repeats)
     return best
 
 
@@ -233,10 +241,9 @@ def main():
         bandwidths.append(read_bandwidth())
         bw = max(bandwidths)
         if job:
-            from mistral_jax import api
             from train_bench import matmul_flops_per_s
 
-            step8 = decode_matmul_step(api.load_model(hf_dir).params, 8)
+            step8 = decode_matmul_step(hf_dir, 8)
             peak = matmul_flops_per_s()
             t_import = import_seconds()
 

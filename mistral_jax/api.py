@@ -34,12 +34,14 @@ def find_tokenizer(checkpoint_dir: str, tokenizer: str | None = None) -> Tokeniz
 
 
 def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, shardings=None,
-               layers: str = "auto", **config_overrides) -> LoadedModel:
+               layers: str = "auto", out_major: bool | None = None, **config_overrides) -> LoadedModel:
     """Loads our orbax checkpoint, a transformers directory or a Mistral native directory, for inference.
 
     `layers`: "scan" keeps the stacked layers; "unrolled" splits them per layer (model.unstack_params),
     which decodes about twice as fast on the CPU, where XLA copies a layer's weights out of the stack before
     each matmul; "auto" (default) unrolls on the CPU only. Training keeps the stacked form.
+    `out_major`: hold the projection weights [out, in] (model.out_major_weights), faster decode products on
+    XLA:CPU; None (default) does so on the CPU when the model sits on one device.
 
     `dtype` sets both the stored and the compute dtype; `shardings` (a param-shaped tree of shardings,
     see sharding.py) places each tensor directly on its devices."""
@@ -55,6 +57,10 @@ def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, 
         params, config = model.unstack_params(params, config)
     elif layers != "scan":
         raise ValueError(f"layers must be 'auto', 'scan' or 'unrolled', got {layers!r}")
+    if out_major is None:
+        out_major = all(model._one_cpu_device(x) for x in jax.tree.leaves(params))
+    if out_major:
+        params, config = model.out_major_weights(params, config)
     return LoadedModel(config, params, find_tokenizer(path, tokenizer))
 
 

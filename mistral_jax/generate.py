@@ -125,10 +125,11 @@ def decode(params, config: MistralConfig, state, max_steps, sampled: bool = True
     return state
 
 
-# XLA:CPU sends matmuls to YNNPACK by default. For decode's few-row products ([B, D] x [D, F], B <= 32) its
-# Eigen path was faster in our profiles at B = 8 and 32 on the 125M benchmark; prefill's
-# many-row products keep the default.
-_CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU sends matmuls to YNNPACK by default. For decode's few-row products ([B, D] x [D, F], B <= 32) with
+# in-major weights ([D, F], the training layout) its Eigen path was faster on the 125M benchmark. Out-major
+# weights (model.out_major_weights, what load_model gives on the CPU) are fastest with the default: the weight is
+# then the left operand of YNNPACK's product.
+_CPU_IN_MAJOR_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,7 +141,8 @@ def _compiled(config: MistralConfig, chunk: int):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_decode(config: MistralConfig):
-    options = _CPU_DECODE_OPTIONS if jax.default_backend() == "cpu" else None
+    options = _CPU_IN_MAJOR_DECODE_OPTIONS if jax.default_backend() == "cpu" and not config.out_major_weights \
+        else None
     return jax.jit(functools.partial(decode, config=config), donate_argnames=("state",), static_argnames=("sampled",),
                    compiler_options=options)
 

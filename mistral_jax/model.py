@@ -63,23 +63,54 @@ class LoraSpec:
         return any(LORA_TARGETS[t] == name for t in self.targets)
 
 
+# Rows of a product below which, with out-major weights, the weight is the left operand (see _matmul).
+_FEW_ROWS = 64
+
+
+def _matmul(x, w, n_in: int, out_major: bool):
+    """x [..., in...] times a weight [in..., out...], or [out..., in...] when `out_major`, -> [..., out...].
+
+    Out-major weights on XLA:CPU: for a few rows (decode), the product is computed as w @ x^T, the weight as the
+    left operand with its input axis minor, then transposed back (a few rows, cheap); an optimization barrier
+    keeps XLA from folding the transpose into the product (it would swap the operands back, losing the gain).
+    Many rows (prefill) take x @ w^T directly."""
+    if out_major:
+        out_shape, in_shape = w.shape[:w.ndim - n_in], w.shape[w.ndim - n_in:]
+    else:
+        in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+    k_in, k_out = math.prod(in_shape), math.prod(out_shape)
+    if not out_major:
+        return jnp.dot(x.reshape(*x.shape[:x.ndim - n_in], k_in), w.reshape(k_in, *out_shape))
+    x2 = x.reshape(-1, k_in)
+    if x2.shape[0] <= _FEW_ROWS:
+        w2 = w.reshape(k_out, k_in)
+        y = jax.lax.optimization_barrier(jax.lax.dot_general(w2, x2, (((1,), (1,)), ((), ())))).T
+    else:
+        y = jax.lax.dot_general(x2, w.reshape(k_out, k_in), (((1,), (1,)), ((), ())))
+    return y.reshape(*x.shape[:x.ndim - n_in], *out_shape)
+
+
 def _project(module: nn.Module, name: str, x, w, eq: str, n_in: int, in_axes, out_axes):
     """einsum(eq, x, w) plus, when the module's LoRA spec covers `name`, the adapter branch.
 
-    w's first `n_in` axes contract with x's last `n_in`; adapters live in the 'lora' collection as
-    `{name}_a` [in..., r] and `{name}_b` [r, out...] (layers stacked like the params)."""
+    w's first `n_in` axes contract with x's last `n_in` (its last `n_in` with out-major weights, see
+    _weight); adapters live in the 'lora' collection as `{name}_a` [in..., r] and `{name}_b` [r, out...]
+    (layers stacked like the params)."""
     dt = jnp.dtype(module.config.dtype)
-    if n_in == 1:
-        y = jnp.einsum(eq, x, w.astype(dt))
-    else:
+    out_major = module.config.out_major_weights
+    if out_major or n_in > 1:
         # Several contracting axes (wo: heads x head_dim) as one flattened matmul: left as an einsum, XLA:CPU
         # chose to transpose the whole weight at every call to match the attention output's layout.
-        k_in = math.prod(w.shape[:n_in])
-        y = jnp.dot(x.reshape(*x.shape[:-n_in], k_in), w.astype(dt).reshape(k_in, *w.shape[n_in:]))
+        y = _matmul(x, w.astype(dt), n_in, out_major)
+    else:
+        y = jnp.einsum(eq, x, w.astype(dt))
     spec = module.lora
     if spec is None or not spec.covers(name):
         return y
-    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+    if out_major:
+        in_shape, out_shape = w.shape[w.ndim - n_in:], w.shape[:w.ndim - n_in]
+    else:
+        in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
     kaiming = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(n_in)),
                                                out_axis=-1)
     a = module.variable("lora", f"{name}_a", nn.with_logical_partitioning(kaiming, (*in_axes, None)),
@@ -97,6 +128,18 @@ def _project(module: nn.Module, name: str, x, w, eq: str, n_in: int, in_axes, ou
 def _param(module: nn.Module, name: str, shape, axes, init=_init):
     cfg = module.config
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+
+
+# Projection weights: name -> number of leading input axes in the [in..., out...] layout.
+_WEIGHT_INPUTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w3": 1, "w2": 1, "kernel": 1}
+
+
+def _weight(module: nn.Module, name: str, shape, axes):
+    """A projection weight declared [in..., out...], held [out..., in...] when config.out_major_weights."""
+    if module.config.out_major_weights:
+        n_in = _WEIGHT_INPUTS[name]
+        shape, axes = (*shape[n_in:], *shape[:n_in]), (*axes[n_in:], *axes[:n_in])
+    return _param(module, name, shape, axes)
 
 
 class RMSNorm(nn.Module):
@@ -124,10 +167,10 @@ class Attention(nn.Module):
         `position % S`."""
         c = self.config
         d, n, k, h = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
-        wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"))
-        wk = _param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"))
-        wv = _param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"))
-        wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"))
+        wq = _weight(self, "wq", (d, n, h), ("embed", "heads", "head_dim"))
+        wk = _weight(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"))
+        wv = _weight(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"))
+        wo = _weight(self, "wo", (n, h, d), ("heads", "head_dim", "embed"))
 
         q = _project(self, "wq", x, wq, "btd,dnh->btnh", 1, ("embed",), ("heads", "head_dim"))
         kk = _project(self, "wk", x, wk, "btd,dkh->btkh", 1, ("embed",), ("kv_heads", "head_dim"))
@@ -215,9 +258,9 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        w1 = _param(self, "w1", (c.dim, c.hidden_dim), ("embed", "mlp"))
-        w3 = _param(self, "w3", (c.dim, c.hidden_dim), ("embed", "mlp"))
-        w2 = _param(self, "w2", (c.hidden_dim, c.dim), ("mlp", "embed"))
+        w1 = _weight(self, "w1", (c.dim, c.hidden_dim), ("embed", "mlp"))
+        w3 = _weight(self, "w3", (c.dim, c.hidden_dim), ("embed", "mlp"))
+        w2 = _weight(self, "w2", (c.hidden_dim, c.dim), ("mlp", "embed"))
         gate = _project(self, "w1", x, w1, "btd,df->btf", 1, ("embed",), ("mlp",))
         up = _project(self, "w3", x, w3, "btd,df->btf", 1, ("embed",), ("mlp",))
         hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
@@ -306,11 +349,13 @@ class Transformer(nn.Module):
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
         x = RMSNorm(c, name="norm")(x)
-        if c.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dt))
+        if c.tie_embeddings:  # the embedding [V, D] is an out-major head
+            logits = _matmul(x, embedding.astype(dt), 1, out_major=True) if c.out_major_weights else \
+                jnp.einsum("btd,vd->btv", x, embedding.astype(dt))
         else:
-            kernel = _param(self, "kernel", (c.dim, c.vocab_size), ("embed", "vocab"))  # in output
-            logits = jnp.einsum("btd,dv->btv", x, kernel.astype(dt))
+            kernel = _weight(self, "kernel", (c.dim, c.vocab_size), ("embed", "vocab"))  # in output
+            logits = _matmul(x, kernel.astype(dt), 1, True) if c.out_major_weights else \
+                jnp.einsum("btd,dv->btv", x, kernel.astype(dt))
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is None:
             return logits
@@ -418,6 +463,42 @@ def unstack_params(params: Params, config: MistralConfig) -> tuple[Params, Mistr
             leaf.delete()
     layers = tuple(jax.tree.unflatten(treedef, xs) for xs in per_layer)
     return {**params, "layers": layers}, config.replace(scan_layers=False)
+
+
+def out_major_weights(params: Params, config: MistralConfig) -> tuple[Params, MistralConfig]:
+    """Projection weights [in..., out...] -> [out..., in...] (see _weight), and the config with
+    out_major_weights=True. Stacked or per-layer params; leaf by leaf, each old array deleted once moved."""
+    if config.out_major_weights:
+        return params, config
+
+    def move(w, name, stacked):
+        n_in, lead = _WEIGHT_INPUTS[name], 1 if stacked else 0
+        rest = list(range(lead, w.ndim))
+        perm = (*range(lead), *rest[n_in:], *rest[:n_in])
+        if _one_cpu_device(w):  # on the host: a transposed copy, no compiled program per shape
+            sh = w.sharding
+            if isinstance(sh, jax.sharding.NamedSharding):
+                spec = tuple(sh.spec) + (None,) * (w.ndim - len(sh.spec))
+                sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*(spec[i] for i in perm)))
+            out = jax.device_put(np.ascontiguousarray(np.transpose(np.asarray(w), perm)), sh)
+        else:
+            out = jnp.transpose(w, perm)
+        if isinstance(w, jax.Array):
+            w.delete()
+        return out
+
+    def layer(tree, stacked):
+        return {group: {k: move(v, k, stacked) if k in _WEIGHT_INPUTS else v for k, v in mods.items()}
+                for group, mods in tree.items()}
+
+    out = dict(params)
+    if isinstance(params["layers"], (list, tuple)):
+        out["layers"] = tuple(layer(t, False) for t in params["layers"])
+    else:
+        out["layers"] = layer(params["layers"], True)
+    if "output" in params:
+        out["output"] = {"kernel": move(params["output"]["kernel"], "kernel", False)}
+    return out, config.replace(out_major_weights=True)
 
 
 def init_lora(config: MistralConfig, spec: LoraSpec, rng) -> Params:

@@ -32,9 +32,17 @@ def _prompts(vocab, lengths, seed=1):
     return [rng.integers(3, vocab, n).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("window", [5, None])
-def test_batched_greedy_matches_transformers_one_at_a_time(tmp_path, window):
+@pytest.mark.parametrize("window,layout", [(5, "stacked"), (None, "stacked"), (5, "cpu")])
+def test_batched_greedy_matches_transformers_one_at_a_time(tmp_path, window, layout):
+    """layout "stacked": the training layout; "cpu": what load_model gives on the CPU (unrolled layers,
+    out-major weights)."""
     model, config, params = _load(tmp_path, sliding_window=window)
+    if layout == "cpu":
+        from mistral_jax import api
+
+        loaded = api.load_model(tmp_path / "hf")
+        config, params = loaded.config, loaded.params
+        assert config.out_major_weights and not config.scan_layers
     prompts = _prompts(config.vocab_size, [3, 17, 9, 30, 1])  # 30 > prefill chunk: chunked prefill
     gen = Generator(params, config, batch_size=4, prefill_chunk=8)  # 5 prompts: two batches, one partial
     batches = []
@@ -231,7 +239,8 @@ def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path
 
     guarded = {shape(x) for x in jax.tree.leaves(state["cache"]["k"])}
     guarded |= {shape(x) for x in jax.tree.leaves(params) if x.ndim >= 2 and x.shape[0] != config.vocab_size}
-    guarded |= {f"f32[{config.n_heads * config.head_dim},{config.dim}]"}  # wo, flattened
+    assert config.out_major_weights  # wo [D, N, H], flattened below
+    guarded |= {f"f32[{config.dim},{config.n_heads * config.head_dim}]"}
     copies = [line.strip()[:160] for line in hlo.splitlines()
               if (mt := re.match(r"\s*(?:ROOT )?%([\w.-]+) = (f32\[[\d,]*\])\{[\d,]*\} (\w+)\(", line))
               and mt.group(2) in guarded
@@ -239,3 +248,30 @@ def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path
                   r"copy|transpose", mt.group(1))))]
     assert not copies, "\n".join(copies)
     assert "dot(" in hlo or "fusion" in hlo  # the program was inspected, not an empty text
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_out_major_weights_give_the_same_logits(tied):
+    """model.out_major_weights ([out, in] weights, the CPU inference layout) against the training layout, through
+    both of its product forms: few rows (the weight as left operand, decode) and many rows (prefill)."""
+    import jax.numpy as jnp
+
+    from mistral_jax import model as model_lib
+    from mistral_jax.config import get_preset
+
+    config = get_preset("tiny", tie_embeddings=tied)
+    params = model_lib.init_params(config, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 100)))
+    few, many = tokens[:, :8], tokens  # 16 and 200 rows, either side of model._FEW_ROWS
+    assert 16 <= model_lib._FEW_ROWS < 200
+    ref_few, ref_many = model_lib.forward(params, config, few), model_lib.forward(params, config, tokens)
+    for unroll in (False, True):
+        p, c = jax.tree.map(jnp.array, params), config
+        if unroll:
+            p, c = model_lib.unstack_params(p, c)
+        p, c = model_lib.out_major_weights(p, c)
+        assert c.out_major_weights
+        assert p["layers"][0]["attention"]["wq"].shape[-1] == config.dim if unroll else \
+            p["layers"]["attention"]["wq"].shape[-1] == config.dim
+        np.testing.assert_allclose(model_lib.forward(p, c, few), ref_few, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(model_lib.forward(p, c, many), ref_many, atol=1e-5, rtol=1e-5)
