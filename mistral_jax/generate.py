@@ -63,26 +63,30 @@ class Completion:
 # ---- pure, jitted pieces ---------------------------------------------------------------------------------
 
 def prefill(params, config: MistralConfig, tokens, lengths, cache, chunk: int):
-    """tokens [B, T] right-padded, lengths [B] -> (logits of each row's last prompt token [B, V], cache).
+    """tokens [B, T] right-padded, lengths [B], an empty cache -> (logits of each row's last prompt token
+    [B, V], cache).
 
-    Prompts longer than `chunk` are prefilled chunk by chunk (a scan); each chunk attends (cache, chunk)
-    and is then written into the rolling buffer, so the cache never holds more than its slots."""
+    Prompts longer than `chunk` are prefilled chunk by chunk (a scan); each chunk after the first attends
+    (cache, chunk) and is then written into the rolling buffer, so the cache never holds more than its slots.
+    The first chunk attends itself alone (there is nothing cached yet), with the configured attention kernel."""
     b, t = tokens.shape
     c = min(chunk, t)
     n = t // c
     chunks = tokens.reshape(b, n, c).transpose(1, 0, 2)
 
-    def step(cache, i):
+    def step(cache, i, first=False):
         start = i * c
         pos = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
         seg = (pos < lengths[:, None]).astype(jnp.int32)
         at = jnp.clip(lengths - 1 - start, 0, c - 1)
-        logits, cache = model_lib.apply(params, config, chunks[i], pos, seg, cache, logits_at=at)
+        logits, cache = model_lib.apply(params, config, chunks[i], pos, seg, cache, logits_at=at, cache_empty=first)
         return cache, logits[:, 0]
 
-    cache, logits = jax.lax.scan(step, cache, jnp.arange(n))
-    last = jnp.clip((lengths - 1) // c, 0, n - 1)
-    return logits[last, jnp.arange(b)], cache
+    cache, logits = step(cache, 0, first=True)
+    if n > 1:
+        cache, rest = jax.lax.scan(step, cache, jnp.arange(1, n))
+        logits = jnp.concatenate([logits[None], rest])[jnp.clip((lengths - 1) // c, 0, n - 1), jnp.arange(b)]
+    return logits, cache
 
 
 def decode(params, config: MistralConfig, state, max_steps, sampled: bool = True):

@@ -181,14 +181,16 @@ class Attention(nn.Module):
         kk = nn.with_logical_constraint(kk, ("batch", "length", "kv_heads", "head_dim"))
         vv = nn.with_logical_constraint(vv, ("batch", "length", "kv_heads", "head_dim"))
 
-        if cache is None:
+        if cache is None or cache_slots[1] is None:
+            # No cache, or an empty one (cache_slots[1] None: a prefill's first chunk), which the chunk fills
+            # after attending itself alone.
             if c.attention_impl == "cudnn":
                 out = fused_self_attention(q, kk, vv, positions, segment_ids, c.sliding_window, "cudnn")
             elif c.attention_impl == "splash":
                 out = splash_self_attention(q, kk, vv, positions, segment_ids, c.sliding_window)
             else:
                 out = self_attention(q, kk, vv, positions, segment_ids, c.sliding_window, c.attention_block)
-            new_cache = None
+            new_cache = None if cache is None else _cache_write(kk, vv, cache, layer, cache_slots[0])
         else:
             out, new_cache = _cached_attention(q, kk, vv, positions, segment_ids, cache, layer, cache_slots,
                                                c.sliding_window)
@@ -208,6 +210,15 @@ def cache_write_slots(positions, segment_ids, num_slots: int):
     return jnp.where(keep, positions % num_slots, num_slots).astype(jnp.int32)
 
 
+def _cache_write(k, v, cache, layer, slots):
+    """k, v [B, T, K, H] written at `slots` [B, T] (cache_write_slots) of this layer's cache."""
+    rows = jnp.arange(k.shape[0])[:, None]
+    # Index arrays around a slice: the update is laid out [B, T, K, H], as k and v are.
+    at = (rows, slice(None), slots) if layer is None else (layer, rows, slice(None), slots)
+    return {"k": cache["k"].at[at].set(k.astype(cache["k"].dtype), mode="drop"),
+            "v": cache["v"].at[at].set(v.astype(cache["v"].dtype), mode="drop")}
+
+
 def _cached_attention(q, k, v, positions, segment_ids, cache, layer, cache_slots, window):
     """cache_slots = (slots [B, T] where the new tokens go (cache_write_slots), absolute position held by each
     slot [B, S] before and after the write, -1 when empty): the same for every layer, so Transformer works
@@ -215,13 +226,9 @@ def _cached_attention(q, k, v, positions, segment_ids, cache, layer, cache_slots
     slots, cache_pos, pos_after = cache_slots
     b, t = segment_ids.shape
     valid_new = (segment_ids != 0).astype(jnp.int32)
-    rows = jnp.arange(b)[:, None]
-    # Index arrays around a slice: the update is laid out [B, T, K, H], as k and v are.
-    at = (rows, slice(None), slots) if layer is None else (layer, rows, slice(None), slots)
 
     def write(c):
-        return {"k": c["k"].at[at].set(k.astype(c["k"].dtype), mode="drop"),
-                "v": c["v"].at[at].set(v.astype(c["v"].dtype), mode="drop")}
+        return _cache_write(k, v, c, layer, slots)
 
     def layer_kv(c):
         if layer is None:  # this layer's own buffers [B, K, S, H] (unrolled layers)
@@ -296,13 +303,14 @@ class Transformer(nn.Module):
     lora: LoraSpec | None = None
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, logits_at=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, logits_at=None, cache_empty=False):
         """tokens [B, T] int -> logits [B, T, V] float32.
 
         positions [B, T]: absolute positions (default 0..T-1); segment_ids [B, T]: 0 for padding, and
         distinct ids for examples packed in one row (default all 1). With `cache` (see kv_cache.py) returns
         (logits, new_cache) and attends the cached keys too. `logits_at` [B] int: compute the head only at
         that index of each row (logits [B, 1, V]); prefill needs one position, not a [B, T, V] tensor.
+        `cache_empty` (static): the cache holds nothing yet (a prefill's first chunk), so it is written, not read.
         """
         c = self.config
         dt = jnp.dtype(c.dtype)
@@ -325,7 +333,8 @@ class Transformer(nn.Module):
             slots = cache_write_slots(positions, segment_ids, cache["pos"].shape[1])
             new_pos = cache["pos"].at[jnp.arange(b)[:, None], slots].set(
                 positions.astype(cache["pos"].dtype), mode="drop")
-            cache_slots = (slots, cache["pos"], new_pos)
+            # None for an empty cache: the tokens attend each other only (Attention).
+            cache_slots = (slots, None if cache_empty else cache["pos"], new_pos)
         if c.scan_layers:
             layers = nn.scan(
                 block,
@@ -415,7 +424,8 @@ def param_logical_axes(config: MistralConfig) -> Params:
 
 
 def apply(params: Params, config: MistralConfig, tokens, positions=None, segment_ids=None, cache=None,
-          logits_at=None, lora: Params | None = None, lora_spec: LoraSpec | None = None, dropout_rng=None):
+          logits_at=None, lora: Params | None = None, lora_spec: LoraSpec | None = None, dropout_rng=None,
+          cache_empty: bool = False):
     """Functional forward: see Transformer.__call__. Pure, so jit and grad apply directly.
 
     `lora` (from init_lora) with its `lora_spec` adds the adapters; `dropout_rng` turns on LoRA dropout."""
@@ -430,7 +440,7 @@ def apply(params: Params, config: MistralConfig, tokens, positions=None, segment
         variables["lora"] = lora
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return Transformer(config, lora_spec if lora is not None else None).apply(
-        variables, tokens, positions, segment_ids, cache, logits_at, rngs=rngs)
+        variables, tokens, positions, segment_ids, cache, logits_at, cache_empty, rngs=rngs)
 
 
 def _one_cpu_device(x) -> bool:
