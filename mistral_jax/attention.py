@@ -70,6 +70,24 @@ def dot_attention_split(q, ks, vs, masks):
     return out.reshape(b, t, n, h)
 
 
+def decode_attention(q, k, v, mask):
+    """One new token per row over the KV cache: q [B, 1, N, H], k/v [B, K, S, H] (the cache's order), mask
+    [B, 1, S] -> [B, 1, N, H].
+
+    Scores are computed as cache x query ([B, K, S, G], the cache as the left operand, read as it lies) and the
+    output as probabilities x values; optimization barriers keep XLA from swapping the operands of either
+    product, which on XLA:CPU had it read the value cache transposed, a slower kernel (docs/benchmarks.md)."""
+    b, _, n, h = q.shape
+    kh = k.shape[1]
+    q = q.reshape(b, kh, n // kh, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
+    s = jax.lax.dot_general(k, q, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+    s = jnp.swapaxes(jax.lax.optimization_barrier(s), 2, 3)  # [B, K, G, S]
+    s = jnp.where(mask[:, 0][:, None, None], s, _NEG)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jax.lax.optimization_barrier(jnp.einsum("bkgs,bksh->bkgh", p.astype(v.dtype), v))
+    return out.reshape(b, 1, n, h)
+
+
 def self_attention(q, k, v, positions, segment_ids, window: int | None, block: int):
     """Attention of a sequence over itself. q [B, T, N, H], k/v [B, T, K, H], positions/segment_ids [B, T].
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import (dot_attention_split, fused_self_attention, make_mask, self_attention,
+from .attention import (decode_attention, dot_attention_split, fused_self_attention, make_mask, self_attention,
                         splash_self_attention)
 from .config import MistralConfig
 from .rope import apply_rope
@@ -244,7 +244,7 @@ def _cached_attention(q, k, v, positions, segment_ids, cache, layer, cache_slots
         new_cache = write(cache)
         ck, cv = layer_kv(new_cache)
         mask = make_mask(positions, pos_after, valid_new, (pos_after >= 0).astype(jnp.int32), window)
-        return dot_attention_split(q, (ck,), (cv,), (mask,)), new_cache
+        return decode_attention(q, ck, cv, mask), new_cache
 
     # A chunk attends (cache, chunk) before it is written: its positions must see the W-1 positions before
     # them, some of which the chunk itself overwrites in a rolling buffer. The two key sets are scored
