@@ -80,7 +80,8 @@ def _matmul(x, w, n_in: int, out_major: bool):
         in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
     k_in, k_out = math.prod(in_shape), math.prod(out_shape)
     if not out_major:
-        return jnp.dot(x.reshape(*x.shape[:x.ndim - n_in], k_in), w.reshape(k_in, *out_shape))
+        lead = x.shape[:x.ndim - n_in]
+        return jnp.dot(x.reshape(*lead, k_in), w.reshape(k_in, k_out)).reshape(*lead, *out_shape)
     x2 = x.reshape(-1, k_in)
     if x2.shape[0] <= _FEW_ROWS:
         w2 = w.reshape(k_out, k_in)
