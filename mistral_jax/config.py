@@ -43,7 +43,7 @@ class MistralConfig:
     # each layer's weights out of a stacked array before every matmul (three passes over the weights).
     scan_layers: bool = True
     # False: projection weights stored [in..., out...] (wq [D, N, H]; the checkpoints' and training's layout).
-    # True: [out..., in...] (wq [N, H, D]; model.transpose_weights), for inference on the CPU, where XLA's
+    # True: [out..., in...] (wq [N, H, D]; model.out_major_weights), for inference on the CPU, where XLA's
     # products of a few rows (decode) by a weight run about 1.5x faster with the weight's input axis minor.
     out_major_weights: bool = False
 

@@ -67,6 +67,13 @@ class LoraSpec:
 _FEW_ROWS = 64
 
 
+def _in_out_shapes(w, n_in: int, out_major: bool):
+    """(input axes, output axes) of a projection weight held [in..., out...] or, out-major, [out..., in...]."""
+    if out_major:
+        return w.shape[w.ndim - n_in:], w.shape[:w.ndim - n_in]
+    return w.shape[:n_in], w.shape[n_in:]
+
+
 def _matmul(x, w, n_in: int, out_major: bool):
     """x [..., in...] times a weight [in..., out...], or [out..., in...] when `out_major`, -> [..., out...].
 
@@ -74,10 +81,7 @@ def _matmul(x, w, n_in: int, out_major: bool):
     left operand with its input axis minor, then transposed back (a few rows, cheap); an optimization barrier
     keeps XLA from folding the transpose into the product (it would swap the operands back, losing the gain).
     Many rows (prefill) take x @ w^T directly."""
-    if out_major:
-        out_shape, in_shape = w.shape[:w.ndim - n_in], w.shape[w.ndim - n_in:]
-    else:
-        in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+    in_shape, out_shape = _in_out_shapes(w, n_in, out_major)
     k_in, k_out = math.prod(in_shape), math.prod(out_shape)
     if not out_major:
         lead = x.shape[:x.ndim - n_in]
@@ -100,18 +104,16 @@ def _project(module: nn.Module, name: str, x, w, eq: str, n_in: int, in_axes, ou
     dt = jnp.dtype(module.config.dtype)
     out_major = module.config.out_major_weights
     if out_major or n_in > 1:
-        # Several contracting axes (wo: heads x head_dim) as one flattened matmul: left as an einsum, XLA:CPU
-        # chose to transpose the whole weight at every call to match the attention output's layout.
+        # Out-major weights (see _matmul), or several contracting axes (wo: heads x head_dim) as one flattened
+        # matmul: left as an einsum, XLA:CPU chose to transpose the whole weight at every call to match the
+        # attention output's layout.
         y = _matmul(x, w.astype(dt), n_in, out_major)
     else:
         y = jnp.einsum(eq, x, w.astype(dt))
     spec = module.lora
     if spec is None or not spec.covers(name):
         return y
-    if out_major:
-        in_shape, out_shape = w.shape[w.ndim - n_in:], w.shape[:w.ndim - n_in]
-    else:
-        in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+    in_shape, out_shape = _in_out_shapes(w, n_in, out_major)
     kaiming = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(n_in)),
                                                out_axis=-1)
     a = module.variable("lora", f"{name}_a", nn.with_logical_partitioning(kaiming, (*in_axes, None)),

@@ -271,7 +271,7 @@ def test_out_major_weights_give_the_same_logits(tied):
             p, c = model_lib.unstack_params(p, c)
         p, c = model_lib.out_major_weights(p, c)
         assert c.out_major_weights
-        assert p["layers"][0]["attention"]["wq"].shape[-1] == config.dim if unroll else \
-            p["layers"]["attention"]["wq"].shape[-1] == config.dim
+        layer = p["layers"][0] if unroll else p["layers"]
+        assert layer["attention"]["wq"].shape[-1] == config.dim  # [(L,) N, H, D]: the input axis last
         np.testing.assert_allclose(model_lib.forward(p, c, few), ref_few, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(model_lib.forward(p, c, many), ref_many, atol=1e-5, rtol=1e-5)
