@@ -436,6 +436,12 @@ def apply(params: Params, config: MistralConfig, tokens, positions=None, segment
     if unstacked == config.scan_layers:
         raise ValueError(f"apply: params have {'per-layer' if unstacked else 'stacked'} layers but config.scan_layers "
                          f"is {config.scan_layers}; see unstack_params")
+    wq = (params["layers"][0] if unstacked else params["layers"])["attention"]["wq"]
+    in_major, out_major = wq.shape[-2:] == (config.n_heads, config.head_dim), wq.shape[-1] == config.dim
+    if in_major != out_major and out_major != config.out_major_weights:  # (both when head_dim == dim: unknowable)
+        raise ValueError(f"apply: params hold their projection weights {'[out, in]' if out_major else '[in, out]'} "
+                         f"(layers.attention.wq {tuple(wq.shape)}) but config.out_major_weights is "
+                         f"{config.out_major_weights}; see out_major_weights")
     variables = {"params": _to_flax(params)}
     if lora is not None:
         if lora_spec is None:

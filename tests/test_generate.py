@@ -275,3 +275,21 @@ def test_out_major_weights_give_the_same_logits(tied):
         assert layer["attention"]["wq"].shape[-1] == config.dim  # [(L,) N, H, D]: the input axis last
         np.testing.assert_allclose(model_lib.forward(p, c, few), ref_few, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(model_lib.forward(p, c, many), ref_many, atol=1e-5, rtol=1e-5)
+
+
+def test_weights_in_the_wrong_layout_for_the_config_are_named():
+    """Params and config that disagree on the weight layout fail with the tensor and the remedy named."""
+    import jax.numpy as jnp
+
+    from mistral_jax import model as model_lib
+    from mistral_jax.config import get_preset
+
+    config = get_preset("tiny")
+    params = model_lib.init_params(config, jax.random.key(0))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match=r"\[in, out\].*layers\.attention\.wq \(2, 64, 4, 16\).*out_major_weights is True"):
+        model_lib.apply(params, config.replace(out_major_weights=True), tokens)
+    moved, out_config = model_lib.out_major_weights(jax.tree.map(jnp.array, params), config)
+    with pytest.raises(ValueError, match=r"\[out, in\].*out_major_weights is False"):
+        model_lib.apply(moved, config, tokens)
+    model_lib.apply(moved, out_config, tokens)  # agreeing: runs
