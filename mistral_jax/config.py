@@ -44,7 +44,7 @@ class MistralConfig:
     scan_layers: bool = True
     # False: projection weights stored [in..., out...] (wq [D, N, H]; the checkpoints' and training's layout).
     # True: [out..., in...] (wq [N, H, D]; model.out_major_weights), for inference on the CPU, where XLA's
-    # products of a few rows (decode) by a weight run about 1.5x faster with the weight's input axis minor.
+    # products of a few rows (decode) by a weight run faster with the weight's input axis minor (docs/benchmarks.md).
     out_major_weights: bool = False
 
     def __post_init__(self):
