@@ -50,17 +50,16 @@ def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, 
     config = checkpoint.load_config(path, param_dtype=dtype, dtype=dtype, **config_overrides)
     if callable(shardings):
         shardings = shardings(config)
-    params = checkpoint.load_params(path, config, dtype=dtype, shardings=shardings)
     if layers == "auto":
         layers = "unrolled" if jax.default_backend() == "cpu" else "scan"
-    if layers == "unrolled":
-        params, config = model.unstack_params(params, config)
-    elif layers != "scan":
+    if layers not in ("scan", "unrolled"):
         raise ValueError(f"layers must be 'auto', 'scan' or 'unrolled', got {layers!r}")
     if out_major is None:
-        out_major = all(model._one_cpu_device(x) for x in jax.tree.leaves(params))
-    if out_major:
-        params, config = model.out_major_weights(params, config)
+        out_major = (jax.default_backend() == "cpu") if shardings is None else all(
+            len(s.device_set) == 1 and next(iter(s.device_set)).platform == "cpu" for s in jax.tree.leaves(shardings))
+    params = checkpoint.load_params(path, config, dtype=dtype, shardings=shardings, unrolled=layers == "unrolled",
+                                    out_major=out_major)
+    config = config.replace(scan_layers=layers == "scan", out_major_weights=bool(out_major))
     return LoadedModel(config, params, find_tokenizer(path, tokenizer))
 
 

@@ -319,26 +319,59 @@ def _validate_source(reader: st.SafetensorsReader, fmt: str, config: MistralConf
                                   f"({', '.join(st.FLOAT_CODES)})")
 
 
-def _host_leaves(reader: st.SafetensorsReader, fmt: str, config: MistralConfig,
-                 dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (leaf, host array) one leaf at a time, each filled tensor by tensor from the mapped files."""
+def _host_leaves(reader: st.SafetensorsReader, fmt: str, config: MistralConfig, dtype: np.dtype,
+                 unrolled: bool = False, out_major: bool = False) -> Iterator[tuple[str, int | None, np.ndarray]]:
+    """Yields (leaf, layer, host array) one array at a time, each filled tensor by tensor from the mapped files:
+    a whole leaf (layer None: the layers stacked [L, ...]) or, when `unrolled`, one layer of a per-layer leaf.
+    `out_major`: projection weights come out [out..., in...] (model.out_major_weights), the checkpoint's own
+    [out, in] order, so they are copied straight, never transposed."""
+    weights = None
+    if out_major:
+        from . import model  # flax, imported only for this layout
+        weights = model._WEIGHT_INPUTS
+
+    def buffer(leaf, shape, lead):
+        """(array in the layout we return, a view of it in our in-major layout, which _LAYOUTS maps from)."""
+        name = leaf.rsplit("/", 1)[-1]
+        if weights is None or name not in weights:
+            host = np.empty(shape, dtype)
+            return host, host
+        perm = model.out_major_perm(name, len(shape), lead)
+        host = np.empty([shape[i] for i in perm], dtype)
+        return host, np.transpose(host, np.argsort(perm))
+
     for leaf, shape in leaf_shapes(config).items():
-        host = np.empty(shape, dtype)
         layout = _LAYOUTS[fmt][leaf]
         stacked = leaf.startswith("layers/")
-        for i, name in enumerate(_layer_names(fmt, leaf, config)):
-            src = reader.get(name)  # a fresh mapping: its pages leave RSS when it is dropped
-            view, ckpt_shape = layout(host[i] if stacked else host, config)
-            _assign(view, src.reshape(ckpt_shape))  # cast + rearrange in one pass
-            del src, view
-        yield leaf, host
-        del host
+        names = _layer_names(fmt, leaf, config)
+        if stacked and unrolled:
+            for i, name in enumerate(names):
+                host, view = buffer(leaf, shape[1:], 0)
+                _fill(view, reader, name, layout, config)
+                yield leaf, i, host
+                del host, view
+            continue
+        host, view = buffer(leaf, shape, 1 if stacked else 0)
+        for i, name in enumerate(names):
+            _fill(view[i] if stacked else view, reader, name, layout, config)
+        yield leaf, None, host
+        del host, view
+
+
+def _fill(dst: np.ndarray, reader: st.SafetensorsReader, name: str, layout, config: MistralConfig) -> None:
+    """Copies checkpoint tensor `name` into `dst` (one layer of our leaf, in-major) through its layout view."""
+    src = reader.get(name)  # a fresh mapping: its pages leave RSS when it is dropped
+    view, ckpt_shape = layout(dst, config)
+    if not np.may_share_memory(view, dst):  # numpy reshapes to a copy where no view exists: assigning into it would be lost
+        raise AssertionError(f"layout of {name!r} is not a view of the destination")
+    _assign(view, src.reshape(ckpt_shape))  # cast + rearrange in one pass
 
 
 def _assign(dst: np.ndarray, src: np.ndarray, tile: int = 256) -> None:
     """dst[...] = src (with the dtype cast). A 2-D transpose is copied in tiles: numpy's element loop walks one
     side against the cache and runs at about half the speed (measured on a 5632x2048 bf16 matrix)."""
-    if dst.ndim != 2 or dst.size < 4 * tile * tile:
+    same_order = dst.flags.c_contiguous and src.flags.c_contiguous
+    if same_order or dst.ndim != 2 or dst.size < 4 * tile * tile:
         dst[...] = src
         return
     for i in range(0, dst.shape[0], tile):
@@ -356,26 +389,52 @@ def _put(host: np.ndarray, sharding) -> jax.Array:
 
 
 def load_params(path: str, config: MistralConfig | None = None, dtype: str = "float32",
-                shardings: Any = None) -> Params:
+                shardings: Any = None, unrolled: bool = False, out_major: bool = False) -> Params:
     """Loads any supported checkpoint directory into our param tree of jax.Arrays of `dtype`.
 
-    `shardings`: optional pytree of jax.sharding.Sharding matching the param tree. From safetensors each leaf
-    is read into one host buffer (one leaf at a time) and its devices take their slices of it; from orbax each
-    process reads only the slices its devices hold. Either way no host holds the full model at once (beyond
-    CPU "devices", whose memory is the host's).
+    `shardings`: optional pytree of jax.sharding.Sharding matching the param tree (stacked layers, in-major).
+    From safetensors each array is read into one host buffer (one at a time) and its devices take their slices
+    of it; from orbax each process reads only the slices its devices hold. Either way no host holds the full
+    model at once (beyond CPU "devices", whose memory is the host's).
+
+    The inference layouts (api.load_model): `unrolled` gives the layers as a tuple of per-layer trees
+    (model.unstack_params), `out_major` the projection weights [out..., in...] (model.out_major_weights); the
+    config to use with them says scan_layers=False / out_major_weights=True. From safetensors they are read
+    straight into that layout (the checkpoint's [out, in] tensors are copied, not transposed twice).
     """
     path = os.fspath(path)
     fmt = detect_format(path)
     config = config or load_config(path)
     np_dtype = _check_dtype(dtype)
     if fmt == "orbax":
-        return _restore_orbax(path, config, np_dtype, shardings)
+        params = _restore_orbax(path, config, np_dtype, shardings)
+        if unrolled or out_major:
+            from . import model
+            if unrolled:
+                params, config = model.unstack_params(params, config)
+            if out_major:
+                params, config = model.out_major_weights(params, config)
+        return params
     reader = _open_safetensors(path, fmt)
     _validate_source(reader, fmt, config)
     params: Params = {}
-    for leaf, host in _host_leaves(reader, fmt, config, np_dtype):
-        _tree_set(params, leaf, _put(host, None if shardings is None else _tree_get(shardings, leaf)))
+    layers: list[Params] = [{} for _ in range(config.n_layers)] if unrolled else []
+    for leaf, layer, host in _host_leaves(reader, fmt, config, np_dtype, unrolled, out_major):
+        sh = None if shardings is None else _tree_get(shardings, leaf)
+        if sh is not None and (unrolled or out_major):  # the given sharding is for the stacked, in-major leaf
+            from . import model
+            name = leaf.rsplit("/", 1)[-1]
+            lead = int(leaf.startswith("layers/") and layer is None)
+            perm = model.out_major_perm(name, host.ndim, lead) if out_major and name in model._WEIGHT_INPUTS else None
+            sh = model.moved_sharding(sh, perm, drop_lead=layer is not None)
+        arr = _put(host, sh)
+        if layer is None:
+            _tree_set(params, leaf, arr)
+        else:
+            _tree_set(layers[layer], leaf.split("/", 1)[1], arr)
         del host
+    if unrolled:
+        params["layers"] = tuple(layers)
     return params
 
 
@@ -390,7 +449,7 @@ def load_host_params(path: str, config: MistralConfig | None = None, dtype: str 
     _validate_source(reader, fmt, config)
     np_dtype = _check_dtype(dtype or _source_dtype(reader))
     params: Params = {}
-    for leaf, host in _host_leaves(reader, fmt, config, np_dtype):
+    for leaf, _, host in _host_leaves(reader, fmt, config, np_dtype):
         _tree_set(params, leaf, host)
     return params
 

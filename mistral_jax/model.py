@@ -457,6 +457,29 @@ def _one_cpu_device(x) -> bool:
         next(iter(x.sharding.device_set)).platform == "cpu"
 
 
+def out_major_perm(name: str, ndim: int, lead: int = 0) -> tuple[int, ...]:
+    """Axis order that takes projection weight `name` ([lead..., in..., out...], `ndim` axes in all) to its
+    out-major layout [lead..., out..., in...] (out_major_weights)."""
+    n_in = _WEIGHT_INPUTS[name]
+    rest = list(range(lead, ndim))
+    return (*range(lead), *rest[n_in:], *rest[:n_in])
+
+
+def moved_sharding(sh, perm=None, drop_lead: bool = False):
+    """The sharding of an array moved as unstack_params (`drop_lead`: one layer of a stacked leaf) or
+    out_major_weights (`perm`) move it: a NamedSharding keeps its mesh with the spec dropped or permuted the
+    same way; any other sharding (one device) is kept."""
+    if not isinstance(sh, jax.sharding.NamedSharding):
+        return sh
+    spec = tuple(sh.spec)
+    if drop_lead:
+        spec = spec[1:]
+    if perm is not None:
+        spec = spec + (None,) * (len(perm) - len(spec))
+        spec = tuple(spec[i] for i in perm)
+    return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*spec))
+
+
 def unstack_params(params: Params, config: MistralConfig) -> tuple[Params, MistralConfig]:
     """Stacked layers [L, ...] -> a tuple of L per-layer trees, and the config with scan_layers=False.
 
@@ -469,9 +492,7 @@ def unstack_params(params: Params, config: MistralConfig) -> tuple[Params, Mistr
         if _one_cpu_device(leaf):
             # Sliced on the host: indexing the jax.Array would compile and run one program per leaf shape.
             host = np.asarray(leaf)
-            sh = leaf.sharding
-            if isinstance(sh, jax.sharding.NamedSharding):  # the same mesh axes, less the layer axis
-                sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+            sh = moved_sharding(leaf.sharding, drop_lead=True)
             slices = [jax.device_put(host[i].copy(), sh) for i in range(config.n_layers)]
             del host
         else:
@@ -491,15 +512,10 @@ def out_major_weights(params: Params, config: MistralConfig) -> tuple[Params, Mi
         return params, config
 
     def move(w, name, stacked):
-        n_in, lead = _WEIGHT_INPUTS[name], 1 if stacked else 0
-        rest = list(range(lead, w.ndim))
-        perm = (*range(lead), *rest[n_in:], *rest[:n_in])
+        perm = out_major_perm(name, w.ndim, 1 if stacked else 0)
         if _one_cpu_device(w):  # on the host: a transposed copy, no compiled program per shape
-            sh = w.sharding
-            if isinstance(sh, jax.sharding.NamedSharding):
-                spec = tuple(sh.spec) + (None,) * (w.ndim - len(sh.spec))
-                sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*(spec[i] for i in perm)))
-            out = jax.device_put(np.ascontiguousarray(np.transpose(np.asarray(w), perm)), sh)
+            out = jax.device_put(np.ascontiguousarray(np.transpose(np.asarray(w), perm)),
+                                 moved_sharding(w.sharding, perm))
         else:
             out = jnp.transpose(w, perm)
         if isinstance(w, jax.Array):

@@ -73,7 +73,7 @@ def assert_trees_equal(got, want):
 
 def _get(tree, path):
     for k in path:
-        tree = tree[k.key]
+        tree = tree[k.key if hasattr(k, "key") else k.idx]
     return tree
 
 
@@ -266,6 +266,48 @@ def test_native_import_equals_hf_import(tmp_path, hf_dir, hf_model):
     assert_trees_equal(ck.load_params(d), ck.load_params(hf_dir))
 
 
+# Each projection weight's axes in the out-major layout (model.out_major_weights), written out by hand.
+OUT_MAJOR_AXES = {"wq": (1, 2, 0), "wk": (1, 2, 0), "wv": (1, 2, 0), "wo": (2, 0, 1), "w1": (1, 0), "w2": (1, 0),
+                  "w3": (1, 0), "kernel": (1, 0)}
+
+
+def inference_layout(params, unrolled: bool, out_major: bool):
+    """Our stacked, in-major numpy tree in the layouts load_model uses: per-layer trees and/or [out, in]."""
+    def move(name, x, stacked):
+        if not out_major or name not in OUT_MAJOR_AXES:
+            return x
+        axes = OUT_MAJOR_AXES[name]
+        return np.transpose(x, (0, *(a + 1 for a in axes)) if stacked else axes)
+
+    layers = {g: {k: move(k, v, True) for k, v in mods.items()} for g, mods in params["layers"].items()}
+    if unrolled:
+        n = len(params["layers"]["attention_norm"]["scale"])
+        layers = tuple({g: {k: v[i] for k, v in mods.items()} for g, mods in layers.items()} for i in range(n))
+    out = {**params, "layers": layers}
+    if "output" in params:
+        out["output"] = {"kernel": move("kernel", params["output"]["kernel"], False)}
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["hf", "native", "orbax"])
+@pytest.mark.parametrize("unrolled,out_major", [(True, True), (True, False), (False, True)],
+                         ids=["unrolled-out_major", "unrolled", "out_major"])
+def test_inference_layouts_load_straight(tmp_path, hf_dir, hf_model, fmt, unrolled, out_major):
+    """load_params(unrolled=, out_major=) gives the layouts api.load_model runs on the CPU, straight from
+    every format, equal to the contract's weights moved by hand."""
+    _, cfg, w = hf_model
+    d = hf_dir
+    if fmt == "native":
+        d = str(tmp_path / "native")
+        _write_native(d, *hf_to_native(w, cfg))
+    elif fmt == "orbax":
+        d = str(tmp_path / "ox")
+        ck.save(d, ck.load_params(hf_dir), ck.load_config(hf_dir))
+    got = ck.load_params(d, unrolled=unrolled, out_major=out_major)
+    assert isinstance(got["layers"], tuple) == unrolled
+    assert_trees_equal(got, inference_layout(expected_params(w, cfg), unrolled, out_major))
+
+
 def test_native_export_matches_oracle_layout(tmp_path, hf_dir, hf_model):
     model, cfg, w = hf_model
     native_w, _ = hf_to_native(w, cfg)
@@ -436,6 +478,16 @@ def test_sharded_loading_on_a_mesh(tmp_path, hf_dir):
             np.testing.assert_array_equal(np.asarray(y), np.asarray(r).astype(y.dtype))
         wq = a["layers"]["attention"]["wq"]
         assert wq.addressable_shards[0].data.shape == (2, 32, 2, 16)
+        # The inference layout (per-layer, [out, in]) keeps each axis on its mesh axis.
+        c = ck.load_params({hf_dir!r}, shardings=shardings, unrolled=True, out_major=True)
+        want = {{"wq": P("model", None, "data"), "wo": P("data", "model", None)}}
+        for l, layer in enumerate(c["layers"]):
+            for name, spec in want.items():
+                x = layer["attention"][name]
+                assert x.sharding == NamedSharding(mesh, spec), (name, x.sharding)
+                ref_x = np.asarray(ref["layers"]["attention"][name][l])
+                np.testing.assert_array_equal(np.asarray(x), ref_x.transpose((1, 2, 0) if name == "wq" else (2, 0, 1)))
+            assert layer["feed_forward"]["w1"].sharding == NamedSharding(mesh, P("model", "data"))
         print("ok")
     """)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
