@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from . import checkpoint, model
+from . import checkpoint
 from .config import DTYPES, MistralConfig
 from .tokenizer import Tokenizer
 
