@@ -1,8 +1,9 @@
 """Batched generation: chunked prefill into the KV cache, then one compiled `lax.while_loop` that decodes
 until every row has stopped (no Python call per token).
 
-Shapes are bucketed (batching.py): the batch is padded to `batch_size` rows, prompts to a power-of-two
-length, `max_new_tokens` to a power of two, so a job of many prompts compiles a handful of programs.
+Shapes are bucketed (batching.bucket_length): the batch is padded to `batch_size` rows, prompts and
+`max_new_tokens` to a few bucket lengths, so a job of many prompts compiles a handful of programs; those are
+kept per call signature, also across runs (see _call).
 Rows are right-padded; each row carries its own absolute positions, so RoPE and the window are exact for
 every row whatever its length.
 """
@@ -151,6 +152,104 @@ def _compiled_decode(config: MistralConfig):
                    compiler_options=options)
 
 
+# ---- programs: compiled ahead of time, kept per call signature, and across runs -------------------------------
+# A warm run of a job spent most of its start-up tracing and lowering the model again only to look the result up
+# in JAX's persistent compilation cache (whose key is the lowered program). Programs are kept by their call
+# signature instead: in this process, and, when JAX's compilation cache directory is set
+# (api.enable_compilation_cache), as serialized executables beside it, keyed by everything that determines the
+# program (this package's source, jax and jaxlib versions, the backend and its devices, XLA_FLAGS, the config,
+# the static arguments, every argument's shape, dtype and sharding). A file that fails to load is compiled again.
+_PROGRAMS: dict[str, tuple[str, object]] = {}  # signature key -> (name, program)
+PROGRAM_EVENT = "/mistral_jax/program/load_duration"  # seconds spent loading a kept program (api.CompileTimer)
+
+
+@functools.lru_cache(maxsize=None)
+def _source_hash() -> str:
+    import hashlib
+    import os
+
+    h = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()
+
+
+def _signature(name: str, bound, static: dict, args: tuple, kwargs: dict) -> str:
+    import hashlib
+    import os
+
+    import jaxlib
+
+    leaves, tree = jax.tree.flatten((args, kwargs))
+    avals = [(tuple(x.shape), str(x.dtype), getattr(x, "weak_type", False),
+              repr(x.sharding) if isinstance(x, jax.Array) else None) for x in leaves]
+    devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
+    text = repr((name, bound, sorted(static.items()), str(tree), avals, devices, jax.__version__,
+                 jaxlib.__version__, os.environ.get("XLA_FLAGS", ""), _source_hash()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _program_dir() -> str | None:
+    import os
+
+    base = jax.config.jax_compilation_cache_dir
+    if not base or jax.process_count() != 1:  # executables of several processes are not kept
+        return None
+    return os.path.join(base, "mistral_jax_programs")
+
+
+def _call(jitted, name: str, bound, *args, static: dict | None = None, **kwargs):
+    """jitted(*args, **static, **kwargs) through a program kept per call signature (see above). `bound`: what
+    `jitted` has bound by functools.partial (the config, the prefill chunk), part of the key."""
+    static = static or {}
+    key = _signature(name, bound, static, args, kwargs)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = (name, _load_or_compile(jitted, key, args, {**kwargs, **static}))
+    return _PROGRAMS[key][1](*args, **kwargs)
+
+
+def _load_or_compile(jitted, key: str, args, kwargs):
+    import os
+    import pickle
+    import tempfile
+    import time
+
+    from jax.experimental import serialize_executable
+
+    directory = _program_dir()
+    path = os.path.join(directory, key + ".pkl") if directory else None
+    if path and os.path.exists(path):
+        t0 = time.perf_counter()
+        try:
+            with open(path, "rb") as f:
+                program = serialize_executable.deserialize_and_load(*pickle.load(f))
+            jax.monitoring.record_event_duration_secs(PROGRAM_EVENT, time.perf_counter() - t0)
+            return program
+        except Exception:  # unreadable or from an incompatible build: compiled again and rewritten below
+            pass
+    program = jitted.lower(*args, **kwargs).compile()
+    if path:
+        tmp = None
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(serialize_executable.serialize(program), f)
+            os.replace(tmp, path)  # atomic: a reader never sees a partial file
+        except Exception:  # a cache that cannot be written only costs the next run a compilation
+            if tmp and os.path.exists(tmp):
+                os.unlink(tmp)
+    return program
+
+
+def program_count(name: str | None = None) -> int:
+    """Programs this process holds (all, or those of `name`: "prefill" / "decode")."""
+    return sum(1 for n, _ in _PROGRAMS.values() if name is None or n == name)
+
+
 # ---- host driver -----------------------------------------------------------------------------------------
 
 class Generator:
@@ -241,7 +340,8 @@ class Generator:
         host = dict(tokens=tokens, lengths=lengths)
         if self.place is not None:
             host = self.place(host)
-        logits, cache = pre(self.params, tokens=host["tokens"], lengths=host["lengths"], cache=cache)
+        logits, cache = _call(pre, "prefill", (c, chunk), self.params, tokens=host["tokens"],
+                              lengths=host["lengths"], cache=cache)
         row_max_new = per_row(max_new, 1, np.int32)
         put = jax.device_put  # host arrays are transferred, not built by small compiled programs
         state = dict(
@@ -262,7 +362,8 @@ class Generator:
         step = steps_per_call or (16 if need_host else m)
         cut: dict[int, tuple[list[int], str]] = {}  # rows stopped by a stop string: (ids, text)
         while True:
-            state = dec(self.params, state=state, max_steps=np.int32(step), sampled=sampled)
+            state = _call(dec, "decode", c, self.params, state=state, max_steps=np.int32(step),
+                          static={"sampled": sampled})
             out, cnt, done, reason = self.fetch((state["out"], state["n"], state["done"], state["reason"]))
             if need_host:
                 newly_done = []

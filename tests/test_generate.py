@@ -2,6 +2,7 @@
 sampling reproducibility, compile counts, stop conditions, streaming, and the resumable batch job."""
 
 import json
+import pathlib
 import shutil
 
 import jax
@@ -12,6 +13,9 @@ import torch
 from hf_models import make_hf_model
 from mistral_jax import checkpoint, generate
 from mistral_jax.generate import Generator, SamplingParams
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _load(tmp_path, **overrides):
@@ -101,12 +105,12 @@ def test_compilations_for_many_prompts_are_a_handful(tmp_path):
     rng = np.random.default_rng(0)
     prompts = _prompts(config.vocab_size, rng.integers(1, 120, 50).tolist())
     gen = Generator(params, config, batch_size=8, prefill_chunk=64)
-    before, decode_before = len(compiles), generate._compiled_decode(config)._cache_size()
+    before, decode_before = len(compiles), generate.program_count("decode")
     outs = gen.generate(prompts, SamplingParams(max_new_tokens=8, stop_token_ids=()))
     n = len(compiles) - before
     assert len(outs) == 50 and all(o.completion_tokens == 8 for o in outs)
     # one decode program for every prompt bucket (none at all if an earlier test compiled the same one)
-    assert generate._compiled_decode(config)._cache_size() - decode_before <= 1
+    assert generate.program_count("decode") - decode_before <= 1
     # Prompt buckets 16..128 give at most 7 prefill programs, one decode program (its cache is sized by a
     # power of two at most the window, the same for every bucket here), plus the cache initialisation: a
     # handful, never one per prompt or per bucket.
@@ -150,6 +154,54 @@ def test_stop_strings_and_streaming(tok_model):
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.find(needle)]
     assert needle in m.tokenizer.decode(cut.ids) and cut.ids == full.ids[: len(cut.ids)]
+
+
+def test_a_second_run_loads_its_programs_instead_of_compiling(tmp_path):
+    """With the compilation cache on, a second process loads the prefill and decode programs the first one kept
+    (no tracing, lowering or compiling of them) and generates the same tokens; a corrupt kept program is
+    compiled again."""
+    import subprocess
+    import sys
+    import textwrap
+
+    model, config, _ = _load(tmp_path, sliding_window=8)
+    prompts = _prompts(config.vocab_size, [5, 17, 40])
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import jax
+        from mistral_jax import api, generate
+        events = {{"compile": 0, "load": 0}}
+        def on(event, duration, **kw):
+            if event == "/jax/core/compile/backend_compile_duration":
+                events["compile"] += 1
+            elif event == generate.PROGRAM_EVENT:
+                events["load"] += 1
+        jax.monitoring.register_event_duration_secs_listener(on)
+        api.enable_compilation_cache({str(tmp_path / "xla")!r})
+        m = api.Mistral(api.load_model({str(tmp_path / "hf")!r}), batch_size=2)
+        before = dict(events)
+        outs = m.generate({prompts!r}, max_new_tokens=12, stop_token_ids=())
+        print(json.dumps({{"ids": [o.ids for o in outs], "programs": generate.program_count(),
+                          "compiles": events["compile"] - before["compile"], "loads": events["load"]}}))
+    """)
+
+    def run():
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["ids"] == [_hf_greedy(model, p, 12) for p in prompts]
+    assert first["programs"] == 3 and first["loads"] == 0  # prefill buckets 24 and 48 (two batches), one decode
+    kept = sorted((tmp_path / "xla" / "mistral_jax_programs").glob("*.pkl"))
+    assert len(kept) == 3
+    second = run()
+    assert second["ids"] == first["ids"] and second["loads"] == 3
+    assert second["compiles"] < first["compiles"]  # jit's own small programs may still come from the XLA cache
+    kept[0].write_bytes(b"not a program")
+    third = run()
+    assert third["ids"] == first["ids"] and third["loads"] == 2
 
 
 def test_generate_job_resumes_and_reports_bad_rows(tok_model, tmp_path, monkeypatch):
