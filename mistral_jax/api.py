@@ -41,10 +41,11 @@ def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, 
     which decodes about twice as fast on the CPU, where XLA copies a layer's weights out of the stack before
     each matmul; "auto" (default) unrolls on the CPU only. Training keeps the stacked form.
     `out_major`: hold the projection weights [out, in] (model.out_major_weights), faster decode products on
-    XLA:CPU; None (default) does so on the CPU when the model sits on one device.
+    XLA:CPU; None (default) does so when the model goes to one CPU device (no `shardings` on the CPU backend,
+    or shardings that each hold one CPU device). Safetensors are read straight into these layouts.
 
-    `dtype` sets both the stored and the compute dtype; `shardings` (a param-shaped tree of shardings,
-    see sharding.py) places each tensor directly on its devices."""
+    `dtype` sets both the stored and the compute dtype; `shardings` (a tree of shardings shaped like the
+    stacked, in-major params, see sharding.py) places each tensor directly on its devices."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     config = checkpoint.load_config(path, param_dtype=dtype, dtype=dtype, **config_overrides)
