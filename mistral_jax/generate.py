@@ -158,7 +158,8 @@ def _compiled_decode(config: MistralConfig):
 # signature instead: in this process, and, when JAX's compilation cache directory is set
 # (api.enable_compilation_cache), as serialized executables beside it, keyed by everything that determines the
 # program (this package's source, jax and jaxlib versions, the backend and its devices, XLA_FLAGS, the config,
-# the static arguments, every argument's shape, dtype and sharding). A file that fails to load is compiled again.
+# the static arguments, every argument's shape, dtype and sharding). A file that fails to load is removed and
+# compiled again; only freshly compiled programs are written (see _load_or_compile).
 _PROGRAMS: dict[str, tuple[str, object]] = {}  # signature key -> (name, program)
 PROGRAM_EVENT = "/mistral_jax/program/load_duration"  # seconds spent loading a kept program (api.CompileTimer)
 
@@ -211,6 +212,22 @@ def _call(jitted, name: str, bound, *args, static: dict | None = None, **kwargs)
     return _PROGRAMS[key][1](*args, **kwargs)
 
 
+_HITS = [0]  # persistent-cache hits seen in this process (JAX's monitoring events)
+
+
+@functools.lru_cache(maxsize=None)
+def _count_persistent_cache_hits() -> None:
+    def on_event(event: str, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            _HITS[0] += 1
+    jax.monitoring.register_event_listener(on_event)
+
+
+def _persistent_cache_hits() -> int:
+    _count_persistent_cache_hits()
+    return _HITS[0]
+
+
 def _load_or_compile(jitted, key: str, args, kwargs):
     import os
     import pickle
@@ -228,20 +245,25 @@ def _load_or_compile(jitted, key: str, args, kwargs):
                 program = serialize_executable.deserialize_and_load(*pickle.load(f))
             jax.monitoring.record_event_duration_secs(PROGRAM_EVENT, time.perf_counter() - t0)
             return program
-        except Exception:  # unreadable or from an incompatible build: compiled again and rewritten below
-            pass
+        except Exception:  # unreadable or from an incompatible build: removed, and compiled again below
+            os.unlink(path)
+    hits = _persistent_cache_hits()
     program = jitted.lower(*args, **kwargs).compile()
-    if path:
-        tmp = None
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(serialize_executable.serialize(program), f)
-            os.replace(tmp, path)  # atomic: a reader never sees a partial file
-        except Exception:  # a cache that cannot be written only costs the next run a compilation
-            if tmp and os.path.exists(tmp):
-                os.unlink(tmp)
+    if not path or _persistent_cache_hits() != hits:
+        # Only a fresh compilation is kept: an executable that JAX took from its persistent cache serializes
+        # without some of its kernels (XLA:CPU, jax 0.10.2: the reloaded program failed with "Function ... not
+        # found"). Such a program is found in that cache again next time.
+        return program
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(serialize_executable.serialize(program), f)
+        os.replace(tmp, path)  # atomic: a reader never sees a partial file
+    except Exception:  # a cache that cannot be written only costs the next run a compilation
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
     return program
 
 
