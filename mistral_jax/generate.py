@@ -157,9 +157,10 @@ def _compiled_decode(config: MistralConfig):
 # in JAX's persistent compilation cache (whose key is the lowered program). Programs are kept by their call
 # signature instead: in this process, and, when JAX's compilation cache directory is set
 # (api.enable_compilation_cache), as serialized executables beside it, keyed by everything that determines the
-# program (this package's source, jax and jaxlib versions, the backend and its devices, XLA_FLAGS, the config,
-# the static arguments, every argument's shape, dtype and sharding). A file that fails to load is removed and
-# compiled again; only freshly compiled programs are written (see _load_or_compile).
+# program: this package's source, the jax and jaxlib versions, the backend and its devices, XLA_FLAGS and the
+# jax settings that change tracing, the config, the static arguments, and every argument's shape, dtype and
+# sharding. A file that fails to load is removed and compiled again; only freshly compiled programs are
+# written (see _load_or_compile).
 _PROGRAMS: dict[str, tuple[str, object]] = {}  # signature key -> (name, program)
 PROGRAM_EVENT = "/mistral_jax/program/load_duration"  # seconds spent loading a kept program (api.CompileTimer)
 
@@ -188,8 +189,11 @@ def _signature(name: str, bound, static: dict, args: tuple, kwargs: dict) -> str
     avals = [(tuple(x.shape), str(x.dtype), getattr(x, "weak_type", False),
               repr(x.sharding) if isinstance(x, jax.Array) else None) for x in leaves]
     devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
+    settings = [str(getattr(jax.config, k, None)) for k in (
+        "jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl", "jax_threefry_partitionable")]
     text = repr((name, bound, sorted(static.items()), str(tree), avals, devices, jax.__version__,
-                 jaxlib.__version__, os.environ.get("XLA_FLAGS", ""), _source_hash()))
+                 jaxlib.__version__, os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
+                 settings, _source_hash()))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
