@@ -10,8 +10,14 @@ every row whatever its length.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
+import os
+import pickle
+import tempfile
+import time
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -167,9 +173,6 @@ PROGRAM_EVENT = "/mistral_jax/program/load_duration"  # seconds spent loading a 
 
 @functools.lru_cache(maxsize=None)
 def _source_hash() -> str:
-    import hashlib
-    import os
-
     h = hashlib.sha256()
     here = os.path.dirname(os.path.abspath(__file__))
     for name in sorted(os.listdir(here)):
@@ -180,9 +183,6 @@ def _source_hash() -> str:
 
 
 def _signature(name: str, bound, static: dict, args: tuple, kwargs: dict) -> str:
-    import hashlib
-    import os
-
     import jaxlib
 
     leaves, tree = jax.tree.flatten((args, kwargs))
@@ -198,8 +198,6 @@ def _signature(name: str, bound, static: dict, args: tuple, kwargs: dict) -> str
 
 
 def _program_dir() -> str | None:
-    import os
-
     base = jax.config.jax_compilation_cache_dir
     if not base or jax.process_count() != 1:  # executables of several processes are not kept
         return None
@@ -233,11 +231,6 @@ def _persistent_cache_hits() -> int:
 
 
 def _load_or_compile(jitted, key: str, args, kwargs):
-    import os
-    import pickle
-    import tempfile
-    import time
-
     from jax.experimental import serialize_executable
 
     directory = _program_dir()
@@ -250,7 +243,8 @@ def _load_or_compile(jitted, key: str, args, kwargs):
             jax.monitoring.record_event_duration_secs(PROGRAM_EVENT, time.perf_counter() - t0)
             return program
         except Exception:  # unreadable or from an incompatible build: removed, and compiled again below
-            os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
     hits = _persistent_cache_hits()
     program = jitted.lower(*args, **kwargs).compile()
     if not path or _persistent_cache_hits() != hits:
@@ -266,8 +260,9 @@ def _load_or_compile(jitted, key: str, args, kwargs):
             pickle.dump(serialize_executable.serialize(program), f)
         os.replace(tmp, path)  # atomic: a reader never sees a partial file
     except Exception:  # a cache that cannot be written only costs the next run a compilation
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return program
 
 
