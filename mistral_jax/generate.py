@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import os
-import pickle
+import struct
 import tempfile
 import time
 from typing import Callable, Iterator, Sequence
@@ -234,12 +234,13 @@ def _load_or_compile(jitted, key: str, args, kwargs):
     from jax.experimental import serialize_executable
 
     directory = _program_dir()
-    path = os.path.join(directory, key + ".pkl") if directory else None
+    path = os.path.join(directory, key + ".bin") if directory else None
     if path and os.path.exists(path):
         t0 = time.perf_counter()
         try:
             with open(path, "rb") as f:
-                program = serialize_executable.deserialize_and_load(*pickle.load(f))
+                executable, in_tree, out_tree = _unpack(f.read())
+            program = serialize_executable.deserialize_and_load(executable, in_tree, out_tree)
             jax.monitoring.record_event_duration_secs(PROGRAM_EVENT, time.perf_counter() - t0)
             return program
         except Exception:  # unreadable or from an incompatible build: removed, and compiled again below
@@ -257,13 +258,37 @@ def _load_or_compile(jitted, key: str, args, kwargs):
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            pickle.dump(serialize_executable.serialize(program), f)
+            f.write(_pack(*serialize_executable.serialize(program)))
         os.replace(tmp, path)  # atomic: a reader never sees a partial file
     except Exception:  # a cache that cannot be written only costs the next run a compilation
         if tmp:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
     return program
+
+
+_MAGIC = b"mistral-jax program 1\n"
+
+
+def _pack(executable: bytes, in_tree, out_tree) -> bytes:
+    """A kept program's file: a magic line, then the executable and its two tree structures (protobufs), each
+    length-prefixed. No pickle: loading a file from the cache directory runs no code of its own."""
+    parts = [executable, in_tree.serialize_using_proto(), out_tree.serialize_using_proto()]
+    return _MAGIC + b"".join(struct.pack("<Q", len(x)) + x for x in parts)
+
+
+def _unpack(data: bytes):
+    if not data.startswith(_MAGIC):
+        raise ValueError("not a kept program")
+    parts, at = [], len(_MAGIC)
+    for _ in range(3):
+        (n,) = struct.unpack_from("<Q", data, at)
+        parts.append(data[at + 8:at + 8 + n])
+        at += 8 + n
+        if len(parts[-1]) != n:
+            raise ValueError("truncated kept program")
+    trees = [jax.tree_util.PyTreeDef.deserialize_using_proto(jax.tree_util.default_registry, x) for x in parts[1:]]
+    return parts[0], *trees
 
 
 def program_count(name: str | None = None) -> int:

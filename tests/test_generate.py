@@ -194,7 +194,7 @@ def test_a_second_run_loads_its_programs_instead_of_compiling(tmp_path):
     first = run()
     assert first["ids"] == [_hf_greedy(model, p, 12) for p in prompts]
     assert first["programs"] == 3 and first["loads"] == 0  # prefill buckets 24 and 48 (two batches), one decode
-    kept = sorted((tmp_path / "xla" / "mistral_jax_programs").glob("*.pkl"))
+    kept = sorted((tmp_path / "xla" / "mistral_jax_programs").glob("*.bin"))
     assert len(kept) == 3
     second = run()
     assert second["ids"] == first["ids"] and second["loads"] == 3
