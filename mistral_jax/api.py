@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from . import checkpoint
+from . import checkpoint, model
 from .config import DTYPES, MistralConfig
 from .tokenizer import Tokenizer
 
@@ -57,7 +57,7 @@ def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, 
         raise ValueError(f"layers must be 'auto', 'scan' or 'unrolled', got {layers!r}")
     if out_major is None:
         out_major = (jax.default_backend() == "cpu") if shardings is None else all(
-            len(s.device_set) == 1 and next(iter(s.device_set)).platform == "cpu" for s in jax.tree.leaves(shardings))
+            model.on_one_cpu_device(s) for s in jax.tree.leaves(shardings))
     params = checkpoint.load_params(path, config, dtype=dtype, shardings=shardings, unrolled=layers == "unrolled",
                                     out_major=out_major)
     config = config.replace(scan_layers=layers == "scan", out_major_weights=bool(out_major))

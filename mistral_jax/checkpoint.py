@@ -320,25 +320,24 @@ def _validate_source(reader: st.SafetensorsReader, fmt: str, config: MistralConf
 
 
 def _host_leaves(reader: st.SafetensorsReader, fmt: str, config: MistralConfig, dtype: np.dtype,
-                 unrolled: bool = False, out_major: bool = False) -> Iterator[tuple[str, int | None, np.ndarray]]:
-    """Yields (leaf, layer, host array) one array at a time, each filled tensor by tensor from the mapped files:
-    a whole leaf (layer None: the layers stacked [L, ...]) or, when `unrolled`, one layer of a per-layer leaf.
-    `out_major`: projection weights come out [out..., in...] (model.out_major_weights), the checkpoint's own
-    [out, in] order, so they are copied straight, never transposed."""
-    weights = None
+                 unrolled: bool = False, out_major: bool = False
+                 ) -> Iterator[tuple[str, int | None, np.ndarray, tuple[int, ...] | None]]:
+    """Yields (leaf, layer, host array, perm) one array at a time, each filled tensor by tensor from the mapped
+    files: a whole leaf (layer None: the layers stacked [L, ...]) or, when `unrolled`, one layer of a per-layer
+    leaf. `out_major`: projection weights come out [out..., in...] (model.out_major_weights), the checkpoint's
+    own [out, in] order, so they are copied straight, never transposed; `perm` is the axis order that took our
+    in-major layout to the array's (None: unmoved)."""
     if out_major:
         from . import model  # flax, imported only for this layout
-        weights = model._WEIGHT_INPUTS
 
     def buffer(leaf, shape, lead):
-        """(array in the layout we return, a view of it in our in-major layout, which _LAYOUTS maps from)."""
-        name = leaf.rsplit("/", 1)[-1]
-        if weights is None or name not in weights:
+        """(array in the layout we return, a view of it in our in-major layout, which _LAYOUTS maps from, perm)."""
+        perm = model.out_major_perm(leaf.rsplit("/", 1)[-1], len(shape), lead) if out_major else None
+        if perm is None:
             host = np.empty(shape, dtype)
-            return host, host
-        perm = model.out_major_perm(name, len(shape), lead)
+            return host, host, None
         host = np.empty([shape[i] for i in perm], dtype)
-        return host, np.transpose(host, np.argsort(perm))
+        return host, np.transpose(host, np.argsort(perm)), perm
 
     for leaf, shape in leaf_shapes(config).items():
         layout = _LAYOUTS[fmt][leaf]
@@ -346,15 +345,15 @@ def _host_leaves(reader: st.SafetensorsReader, fmt: str, config: MistralConfig, 
         names = _layer_names(fmt, leaf, config)
         if stacked and unrolled:
             for i, name in enumerate(names):
-                host, view = buffer(leaf, shape[1:], 0)
+                host, view, perm = buffer(leaf, shape[1:], 0)
                 _fill(view, reader, name, layout, config)
-                yield leaf, i, host
+                yield leaf, i, host, perm
                 del host, view
             continue
-        host, view = buffer(leaf, shape, 1 if stacked else 0)
+        host, view, perm = buffer(leaf, shape, 1 if stacked else 0)
         for i, name in enumerate(names):
             _fill(view[i] if stacked else view, reader, name, layout, config)
-        yield leaf, None, host
+        yield leaf, None, host, perm
         del host, view
 
 
@@ -362,7 +361,8 @@ def _fill(dst: np.ndarray, reader: st.SafetensorsReader, name: str, layout, conf
     """Copies checkpoint tensor `name` into `dst` (one layer of our leaf, in-major) through its layout view."""
     src = reader.get(name)  # a fresh mapping: its pages leave RSS when it is dropped
     view, ckpt_shape = layout(dst, config)
-    if not np.may_share_memory(view, dst):  # numpy reshapes to a copy where no view exists: assigning into it would be lost
+    # numpy reshapes to a copy where no view exists: assigning into that copy would be lost
+    if not np.may_share_memory(view, dst):
         raise AssertionError(f"layout of {name!r} is not a view of the destination")
     _assign(view, src.reshape(ckpt_shape))  # cast + rearrange in one pass
 
@@ -419,13 +419,10 @@ def load_params(path: str, config: MistralConfig | None = None, dtype: str = "fl
     _validate_source(reader, fmt, config)
     params: Params = {}
     layers: list[Params] = [{} for _ in range(config.n_layers)] if unrolled else []
-    for leaf, layer, host in _host_leaves(reader, fmt, config, np_dtype, unrolled, out_major):
+    for leaf, layer, host, perm in _host_leaves(reader, fmt, config, np_dtype, unrolled, out_major):
         sh = None if shardings is None else _tree_get(shardings, leaf)
         if sh is not None and (unrolled or out_major):  # the given sharding is for the stacked, in-major leaf
             from . import model
-            name = leaf.rsplit("/", 1)[-1]
-            lead = int(leaf.startswith("layers/") and layer is None)
-            perm = model.out_major_perm(name, host.ndim, lead) if out_major and name in model._WEIGHT_INPUTS else None
             sh = model.moved_sharding(sh, perm, drop_lead=layer is not None)
         arr = _put(host, sh)
         if layer is None:
@@ -449,7 +446,7 @@ def load_host_params(path: str, config: MistralConfig | None = None, dtype: str 
     _validate_source(reader, fmt, config)
     np_dtype = _check_dtype(dtype or _source_dtype(reader))
     params: Params = {}
-    for leaf, _, host in _host_leaves(reader, fmt, config, np_dtype):
+    for leaf, _, host, _ in _host_leaves(reader, fmt, config, np_dtype):
         _tree_set(params, leaf, host)
     return params
 

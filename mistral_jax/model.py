@@ -140,8 +140,8 @@ _WEIGHT_INPUTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w3": 1, "w2": 1,
 def _weight(module: nn.Module, name: str, shape, axes):
     """A projection weight declared [in..., out...], held [out..., in...] when config.out_major_weights."""
     if module.config.out_major_weights:
-        n_in = _WEIGHT_INPUTS[name]
-        shape, axes = (*shape[n_in:], *shape[:n_in]), (*axes[n_in:], *axes[:n_in])
+        perm = out_major_perm(name, len(shape))
+        shape, axes = tuple(shape[i] for i in perm), tuple(axes[i] for i in perm)
     return _param(module, name, shape, axes)
 
 
@@ -455,14 +455,21 @@ def apply(params: Params, config: MistralConfig, tokens, positions=None, segment
         variables, tokens, positions, segment_ids, cache, logits_at, cache_empty, rngs=rngs)
 
 
+def on_one_cpu_device(sharding) -> bool:
+    """Whether `sharding` puts its array whole on one CPU device (where out-major weights pay, see _matmul)."""
+    return len(sharding.device_set) == 1 and next(iter(sharding.device_set)).platform == "cpu"
+
+
 def _one_cpu_device(x) -> bool:
-    return isinstance(x, jax.Array) and len(x.sharding.device_set) == 1 and \
-        next(iter(x.sharding.device_set)).platform == "cpu"
+    return isinstance(x, jax.Array) and on_one_cpu_device(x.sharding)
 
 
-def out_major_perm(name: str, ndim: int, lead: int = 0) -> tuple[int, ...]:
+def out_major_perm(name: str, ndim: int, lead: int = 0) -> tuple[int, ...] | None:
     """Axis order that takes projection weight `name` ([lead..., in..., out...], `ndim` axes in all) to its
-    out-major layout [lead..., out..., in...] (out_major_weights)."""
+    out-major layout [lead..., out..., in...] (out_major_weights); None for a leaf that is not a projection
+    weight (embedding, norm scales), which keeps its layout."""
+    if name not in _WEIGHT_INPUTS:
+        return None
     n_in = _WEIGHT_INPUTS[name]
     rest = list(range(lead, ndim))
     return (*range(lead), *rest[n_in:], *rest[:n_in])

@@ -342,7 +342,8 @@ def test_weights_in_the_wrong_layout_for_the_config_are_named():
     config = get_preset("tiny")
     params = model_lib.init_params(config, jax.random.key(0))
     tokens = jnp.zeros((1, 4), jnp.int32)
-    with pytest.raises(ValueError, match=r"\[in, out\].*layers\.attention\.wq \(2, 64, 4, 16\).*out_major_weights is True"):
+    want = r"\[in, out\].*layers\.attention\.wq \(2, 64, 4, 16\).*out_major_weights is True"
+    with pytest.raises(ValueError, match=want):
         model_lib.apply(params, config.replace(out_major_weights=True), tokens)
     moved, out_config = model_lib.out_major_weights(jax.tree.map(jnp.array, params), config)
     with pytest.raises(ValueError, match=r"\[out, in\].*out_major_weights is False"):
