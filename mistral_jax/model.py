@@ -405,7 +405,7 @@ def _to_flax(params):
 @functools.lru_cache(maxsize=16)
 def _abstract_boxed(config: MistralConfig):
     """The boxed param tree of `config` as shapes, traced once per config (a start-up of the tools asked for it
-    five times, 0.3 s each for the 125M model). Callers build new trees from it (nn.unbox, tree.map)."""
+    five times). Callers build new trees from it (nn.unbox, tree.map)."""
     model = Transformer(config)
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     return jax.eval_shape(lambda r: model.init(r, tokens)["params"], jax.random.key(0))
