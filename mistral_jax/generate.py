@@ -75,7 +75,22 @@ def prefill(params, config: MistralConfig, tokens, lengths, cache, chunk: int):
 
     Prompts longer than `chunk` are prefilled chunk by chunk (a scan); each chunk after the first attends
     (cache, chunk) and is then written into the rolling buffer, so the cache never holds more than its slots.
-    The first chunk attends itself alone (there is nothing cached yet), with the configured attention kernel."""
+    The first chunk attends itself alone (there is nothing cached yet), with the configured attention kernel.
+
+    Per-layer params (config.scan_layers False, the CPU inference layout) are stacked inside the program and
+    run as one scanned layer, and so is the cache: a copy of the weights per call (a few percent of a prefill),
+    against a program of one layer instead of L. The unrolled program took longer to trace and compile, and
+    its first two runs each cost about a second more on XLA:CPU, which builds the YNNPACK runtime of each of
+    its fusion kernels (L times as many) lazily, per concurrent use (docs/benchmarks.md). Decode keeps the
+    per-layer form, where a weight sliced out of a stack would be copied at every step."""
+    if not config.scan_layers:
+        stack = lambda xs: jnp.stack(xs)  # noqa: E731
+        params = {**params, "layers": jax.tree.map(lambda *xs: stack(xs), *params["layers"])}
+        stacked = {**cache, "k": stack(cache["k"]), "v": stack(cache["v"])}
+        logits, stacked = prefill(params, config.replace(scan_layers=True), tokens, lengths, stacked, chunk)
+        n = config.n_layers
+        return logits, {**stacked, "k": tuple(stacked["k"][i] for i in range(n)),
+                        "v": tuple(stacked["v"][i] for i in range(n))}
     b, t = tokens.shape
     c = min(chunk, t)
     n = t // c
