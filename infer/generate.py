@@ -200,4 +200,4 @@ def rate(tokens: int, seconds: float) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    launch.exit_process(main())

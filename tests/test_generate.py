@@ -2,6 +2,7 @@
 sampling reproducibility, compile counts, stop conditions, streaming, and the resumable batch job."""
 
 import json
+import os
 import pathlib
 import shutil
 
@@ -253,6 +254,35 @@ def test_generate_job_resumes_and_reports_bad_rows(tok_model, tmp_path, monkeypa
     resumed = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in resumed] == ids  # every id exactly once, in input order
     assert resumed == full
+
+
+def test_generate_tool_as_a_process_writes_everything_and_returns_its_exit_code(tmp_path):
+    """`python -m infer.generate` leaves through launch.exit_process (os._exit, no interpreter teardown): the
+    output is complete and flushed, the tokens are transformers', and the exit code is main's (1 when every
+    row was an error)."""
+    import subprocess
+    import sys
+
+    model, config, _ = _load(tmp_path, sliding_window=8)
+    prompts = _prompts(config.vocab_size, [5, 11, 3])
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps({"id": i, "prompt_ids": p}) + "\n" for i, p in enumerate(prompts)))
+    bad.write_text("{broken\n" + json.dumps({"id": "oov", "prompt_ids": [1, 10**6]}) + "\n")
+
+    def run(inp):
+        out = tmp_path / f"out-{inp.stem}.jsonl"
+        r = subprocess.run([sys.executable, "-m", "infer.generate", "--checkpoint", str(tmp_path / "hf"), "--input",
+                            str(inp), "--output", str(out), "--max-new-tokens", "7", "--batch-size", "2",
+                            "--ignore-eos"], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "MISTRAL_JAX_CACHE": str(tmp_path / "xla")})
+        return r, [json.loads(x) for x in out.read_text().splitlines()]
+
+    r, rows = run(good)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rows: 3 generated, 0 errors" in r.stdout
+    assert [x["completion_ids"] for x in rows] == [_hf_greedy(model, p, 7) for p in prompts]
+    r, rows = run(bad)
+    assert r.returncode == 1 and [x["id"] for x in rows] == [1, "oov"] and all("error" in x for x in rows)
 
 
 def test_generation_stops_at_the_context_length(tmp_path):
