@@ -80,8 +80,8 @@ def prefill(params, config: MistralConfig, tokens, lengths, cache, chunk: int):
     Per-layer params (config.scan_layers False, the CPU inference layout) are stacked inside the program and
     run as one scanned layer, and so is the cache: a copy of the weights per call (a few percent of a prefill),
     against a program of one layer instead of L. The unrolled program took longer to trace and compile, and
-    its first two runs each cost about a second more on XLA:CPU, which builds the YNNPACK runtime of each of
-    its fusion kernels (L times as many) lazily, per concurrent use (docs/benchmarks.md). Decode keeps the
+    its first two runs were each markedly slower on XLA:CPU, which builds the YNNPACK runtime of each of its
+    fusion kernels (L times as many) lazily, per concurrent use (docs/benchmarks.md). Decode keeps the
     per-layer form, where a weight sliced out of a stack would be copied at every step."""
     if not config.scan_layers:
         stack = lambda xs: jnp.stack(xs)  # noqa: E731
