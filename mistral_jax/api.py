@@ -87,13 +87,14 @@ class CompileTimer:
     def __init__(self):
         import jax
 
+        from .generate import PROGRAM_EVENT
+
         self.seconds = 0.0
+        self._program_event = PROGRAM_EVENT
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
     def _on_event(self, event: str, duration: float, **_):
-        from .generate import PROGRAM_EVENT
-
-        if event.startswith("/jax/core/compile/") or event == PROGRAM_EVENT:
+        if event.startswith("/jax/core/compile/") or event == self._program_event:
             self.seconds += duration
 
 

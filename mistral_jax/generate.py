@@ -84,9 +84,8 @@ def prefill(params, config: MistralConfig, tokens, lengths, cache, chunk: int):
     fusion kernels (L times as many) lazily, per concurrent use (docs/benchmarks.md). Decode keeps the
     per-layer form, where a weight sliced out of a stack would be copied at every step."""
     if not config.scan_layers:
-        stack = lambda xs: jnp.stack(xs)  # noqa: E731
-        params = {**params, "layers": jax.tree.map(lambda *xs: stack(xs), *params["layers"])}
-        stacked = {**cache, "k": stack(cache["k"]), "v": stack(cache["v"])}
+        params = {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])}
+        stacked = {**cache, "k": jnp.stack(cache["k"]), "v": jnp.stack(cache["v"])}
         logits, stacked = prefill(params, config.replace(scan_layers=True), tokens, lengths, stacked, chunk)
         n = config.n_layers
         return logits, {**stacked, "k": tuple(stacked["k"][i] for i in range(n)),
