@@ -27,7 +27,7 @@ import time
 from tqdm import tqdm
 
 from mistral_jax import api, distributed, jsonl, launch, memory_plan
-from mistral_jax.generate import SamplingParams
+from mistral_jax.generate import SamplingParams, overlaps_prefill
 
 
 WINDOW_BATCHES = 8  # batches read ahead and sorted by prompt length
@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     # Mesh, model-divides check and memory plan (KV cache for prompt + completion up to max_seq_len), before
     # any weight is read.
     mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(
-        c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="generate"))
+        c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="generate",
+        overlap=overlaps_prefill(mesh.devices.flat)))
     args.batch_size = launch.batch_size(args.batch_size, mm)
     api.enable_compilation_cache()
     timer = api.CompileTimer()
@@ -134,8 +135,6 @@ def main(argv=None) -> int:
         print(f"resuming: {len(skip)} ids already in {args.output}, {len(rows)} rows to go", file=sys.stderr)
 
     n_rows = n_err = n_tokens = 0
-    t_gen = time.perf_counter()
-    compile_before = timer.seconds
     with open(distributed.output_path(args.output), "a", encoding="utf-8") as out, \
             tqdm(total=len(rows), desc="generate", unit="row") as bar, mm.activate():
         # Rows are read a window of WINDOW_BATCHES batches at a time and batched by prompt length within it
@@ -167,7 +166,7 @@ def main(argv=None) -> int:
                 if distributed.is_main():  # the others write to os.devnull, which fsync refuses
                     os.fsync(out.fileno())
                 bar.update(written - before)
-                bar.set_postfix(tok_s=rate(n_tokens, time.perf_counter() - t_gen - (timer.seconds - compile_before)))
+                bar.set_postfix(tok_s=rate(n_tokens, model.generator.busy_seconds()))
 
             for i, (row, (ids, err)) in enumerate(zip(block, parsed)):
                 if err:
@@ -187,7 +186,9 @@ def main(argv=None) -> int:
                 sampling = [dataclasses.replace(base, seed=row_seed(block[i], args.seed)) for i in good]
                 model.generator.generate([parsed[i][0] for i in good], sampling, on_batch=on_batch)
     total = time.perf_counter() - t_start
-    gen_s = time.perf_counter() - t_gen - (timer.seconds - compile_before)
+    # Time in which a prefill or decode ran (generate.Generator.busy_seconds): the next batch's prefill may run
+    # while the main thread compiles, so wall time minus compile time would count that prefill as free.
+    gen_s = model.generator.busy_seconds()
     print(f"rows: {n_rows} generated, {n_err} errors; tokens: {n_tokens}; "
           f"{rate(n_tokens, gen_s)} tokens/s excluding compilation; compile {timer.seconds:.1f}s; "
           f"load {load_s:.1f}s; total {total:.1f}s")

@@ -3,7 +3,7 @@ until every row has stopped (no Python call per token).
 
 Shapes are bucketed (batching.bucket_length): the batch is padded to `batch_size` rows, prompts and
 `max_new_tokens` to a few bucket lengths, so a job of many prompts compiles a handful of programs; those are
-kept per call signature, also across runs (see _call).
+kept per call signature, also across runs (see _program).
 Rows are right-padded; each row carries its own absolute positions, so RoPE and the window are exact for
 every row whatever its length.
 """
@@ -18,6 +18,7 @@ import os
 import struct
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -218,14 +219,15 @@ def _program_dir() -> str | None:
     return os.path.join(base, "mistral_jax_programs")
 
 
-def _call(jitted, name: str, bound, *args, static: dict | None = None, **kwargs):
-    """jitted(*args, **static, **kwargs) through a program kept per call signature (see above). `bound`: what
-    `jitted` has bound by functools.partial (the config, the prefill chunk), part of the key."""
+def _program(jitted, name: str, bound, args: tuple, kwargs: dict, static: dict | None = None):
+    """The program for jitted(*args, **static, **kwargs), kept per call signature (see above): compiled or
+    loaded on the first call, in the calling thread. `bound`: what `jitted` has bound by functools.partial
+    (the config, the prefill chunk), part of the key."""
     static = static or {}
     key = _signature(name, bound, static, args, kwargs)
     if key not in _PROGRAMS:
         _PROGRAMS[key] = (name, _load_or_compile(jitted, key, args, {**kwargs, **static}))
-    return _PROGRAMS[key][1](*args, **kwargs)
+    return _PROGRAMS[key][1]
 
 
 _HITS = [0]  # persistent-cache hits seen in this process (JAX's monitoring events)
@@ -312,13 +314,49 @@ def program_count(name: str | None = None) -> int:
 
 # ---- host driver -----------------------------------------------------------------------------------------
 
+def overlaps_prefill(devices) -> bool:
+    """Whether a Generator on `devices` (those holding its params) runs the next batch's prefill during this
+    batch's decode, unless told otherwise (Generator's overlap_prefill): with one CPU device in one process."""
+    devices = list(devices)
+    return jax.process_count() == 1 and len(devices) == 1 and devices[0].platform == "cpu"
+
+
+def _run_prefill(program, params, kwargs, busy: list):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(program(params, **kwargs))  # in a worker, its future is done when the prefill is
+    busy.append((t0, time.perf_counter()))
+    return out
+
+
+@dataclasses.dataclass
+class _Batch:
+    """One batch between its prefill and its decode."""
+    prompts: list
+    sampling: list
+    lengths_list: list
+    max_new: list
+    m: int             # completion buffer length (bucketed max_new)
+    chunk: int
+    lengths: np.ndarray
+    prefilled: object  # (logits, cache), or a Future of them
+
+
 class Generator:
-    """Generates from token-id prompts in batches; see api.Mistral for strings and chat messages."""
+    """Generates from token-id prompts in batches; see api.Mistral for strings and chat messages.
+
+    `overlap_prefill`: run the next batch's prefill in a worker thread while this batch decodes. None (default)
+    does so when the params are on one CPU device in one process (overlaps_prefill): there the two programs
+    share the cores, decode bound by memory reads and prefill by arithmetic, and a job of several batches
+    takes less time (docs/benchmarks.md); two batches' KV caches are then held at once. Elsewhere a device runs
+    one program at a time, and several processes must issue their programs in one order."""
 
     def __init__(self, params, config: MistralConfig, tokenizer=None, batch_size: int = 8,
                  prefill_chunk: int = 512, place: Callable | None = None, cache_slots: int | None = None,
-                 fetch: Callable | None = None, make_cache: Callable | None = None):
+                 fetch: Callable | None = None, make_cache: Callable | None = None,
+                 overlap_prefill: bool | None = None):
         self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.overlap_prefill = overlap_prefill
+        self._busy: list[tuple[float, float]] = []  # wall-clock spans in which a prefill or a decode ran
         # None: the rolling buffer of min(W, length) slots. A larger value keeps more (a full-length cache
         # when >= prompt + new tokens); the window rule still applies through the mask, so tokens agree.
         self.cache_slots = cache_slots
@@ -356,20 +394,55 @@ class Generator:
                 raise ValueError(f"prompt {i}: {err}")
         results: list[Completion | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))  # stable: ties keep their order
-        for start in range(0, len(prompts), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            comps = self._batch([list(prompts[j]) for j in idx], [sampling[j] for j in idx],
-                                None if on_update is None else (lambda k, c, _idx=idx: on_update(_idx[k], c)),
-                                steps_per_call)
-            for j, comp in zip(idx, comps):
-                results[j] = comp
-            if on_batch is not None:
-                on_batch(idx, comps)
+        batches = [order[s:s + self.batch_size] for s in range(0, len(prompts), self.batch_size)]
+        # The next batch's prefill runs in a worker thread while this batch decodes (see overlap_prefill); its
+        # program is compiled here, in the calling thread, before it is handed over.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mistral-jax-prefill") \
+            if len(batches) > 1 and self._overlap() else None
+        prefill = functools.partial(self._prefill, pool=pool)
+        try:
+            upcoming = prefill([list(prompts[j]) for j in batches[0]], [sampling[j] for j in batches[0]]) \
+                if batches else None
+            for k, idx in enumerate(batches):
+                current = upcoming
+                if k + 1 < len(batches):
+                    upcoming = prefill([list(prompts[j]) for j in batches[k + 1]],
+                                       [sampling[j] for j in batches[k + 1]])
+                comps = self._decode(current, None if on_update is None else
+                                     (lambda i, c, _idx=idx: on_update(_idx[i], c)), steps_per_call)
+                for j, comp in zip(idx, comps):
+                    results[j] = comp
+                if on_batch is not None:
+                    on_batch(idx, comps)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         return results
 
-    def _batch(self, prompts, sampling, on_update, steps_per_call):
+    def busy_seconds(self) -> float:
+        """Wall-clock seconds in which some prefill or decode of this generator was running, in any thread
+        (overlapping spans counted once): the time of generating, without the compilations that ran alone
+        (a compilation during which the worker thread prefilled does count)."""
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(self._busy):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
+
+    def _overlap(self) -> bool:
+        if self.overlap_prefill is not None:
+            return self.overlap_prefill
+        devices = set()
+        for x in jax.tree.leaves(self.params):
+            devices |= x.sharding.device_set if isinstance(x, jax.Array) else set()
+        return overlaps_prefill(devices)
+
+    def _prefill(self, prompts, sampling, pool=None) -> "_Batch":
+        """Pads one batch, then runs its prefill: here, or in `pool` (a worker thread) with the returned batch's
+        `prefilled` a future. The program is found or compiled here, in the calling thread, which holds the
+        mesh and axis-rule contexts that tracing needs."""
         c, bs = self.config, self.batch_size
-        n = len(prompts)
         lengths_list = [len(p) for p in prompts]
         # Never generate past the model's context (the cache of an unwindowed model is sized by it).
         max_new = [min(s.max_new_tokens, c.max_seq_len - L) for s, L in zip(sampling, lengths_list)]
@@ -383,6 +456,23 @@ class Generator:
         slots = self.cache_slots or num_slots(c, min(1 << (t + m - 1).bit_length(), c.max_seq_len))
         tokens, lengths = pad_rows(prompts, bs, t)
 
+        pre, _ = _compiled(c, chunk)
+        cache = self.make_cache(c, bs, slots)
+        self.last_cache_shape = cache_shape(cache)
+        host = dict(tokens=tokens, lengths=lengths)
+        if self.place is not None:
+            host = self.place(host)
+        kwargs = dict(tokens=host["tokens"], lengths=host["lengths"], cache=cache)
+        program = _program(pre, "prefill", (c, chunk), (self.params,), kwargs)
+        run = functools.partial(_run_prefill, program, self.params, kwargs, self._busy)
+        return _Batch(prompts, sampling, lengths_list, max_new, m, chunk, lengths,
+                      pool.submit(run) if pool is not None else run())
+
+    def _decode(self, batch: "_Batch", on_update, steps_per_call):
+        c, bs = self.config, self.batch_size
+        prompts, sampling, lengths_list, max_new, m, lengths = (
+            batch.prompts, batch.sampling, batch.lengths_list, batch.max_new, batch.m, batch.lengths)
+        n = len(prompts)
         stop_lists = [list(s.stop_token_ids) if s.stop_token_ids is not None else [self.eos_id] for s in sampling]
         ns = max(1, max(len(x) for x in stop_lists))
         stop_ids = np.full((bs, ns), -1, np.int32)
@@ -394,14 +484,9 @@ class Generator:
             arr[:n] = values
             return arr
 
-        pre, dec = _compiled(c, chunk)
-        cache = self.make_cache(c, bs, slots)
-        self.last_cache_shape = cache_shape(cache)
-        host = dict(tokens=tokens, lengths=lengths)
-        if self.place is not None:
-            host = self.place(host)
-        logits, cache = _call(pre, "prefill", (c, chunk), self.params, tokens=host["tokens"],
-                              lengths=host["lengths"], cache=cache)
+        _, dec = _compiled(c, batch.chunk)
+        prefilled = batch.prefilled
+        logits, cache = prefilled.result() if isinstance(prefilled, Future) else prefilled
         row_max_new = per_row(max_new, 1, np.int32)
         put = jax.device_put  # host arrays are transferred, not built by small compiled programs
         state = dict(
@@ -422,9 +507,12 @@ class Generator:
         step = steps_per_call or (16 if need_host else m)
         cut: dict[int, tuple[list[int], str]] = {}  # rows stopped by a stop string: (ids, text)
         while True:
-            state = _call(dec, "decode", c, self.params, state=state, max_steps=np.int32(step),
-                          static={"sampled": sampled})
+            kwargs = dict(state=state, max_steps=np.int32(step))
+            program = _program(dec, "decode", c, (self.params,), kwargs, {"sampled": sampled})
+            t0 = time.perf_counter()
+            state = program(self.params, **kwargs)
             out, cnt, done, reason = self.fetch((state["out"], state["n"], state["done"], state["reason"]))
+            self._busy.append((t0, time.perf_counter()))
             if need_host:
                 newly_done = []
                 for i in range(n):

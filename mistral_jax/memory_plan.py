@@ -112,10 +112,11 @@ def _split(n: int, ways: int) -> int:
 
 
 def inference(config: MistralConfig, mesh: Mapping[str, int] | jax.sharding.Mesh, dtype: str, batch: int,
-              total_len: int, kind: str = "generate") -> Plan:
+              total_len: int, kind: str = "generate", overlap: bool = False) -> Plan:
     """Plan for `infer.generate` (KV cache for `batch` rows of up to `total_len` tokens, prompt and
-    completion) or `infer.score` (no cache; logits of `batch` rows of `total_len` tokens). `batch` is rounded
-    up to the data-parallel size as the tools do."""
+    completion; two batches' caches with `overlap`, when the next batch's prefill runs during a decode, see
+    generate.overlaps_prefill) or `infer.score` (no cache; logits of `batch` rows of `total_len` tokens).
+    `batch` is rounded up to the data-parallel size as the tools do."""
     sizes = sharding.mesh_sizes(mesh)
     rules, notes = sharding.rules_for(config, sizes)
     batch = sharding.round_batch(batch, sizes)
@@ -123,8 +124,9 @@ def inference(config: MistralConfig, mesh: Mapping[str, int] | jax.sharding.Mesh
                 f"{config.num_params / 1e9:.2f}B x {dtype}", "weights")]
     if kind == "generate":
         slots = kv_cache.num_slots(config, total_len)
-        rows.append(Row("KV cache", cache_bytes(config, sizes, batch, slots, _itemsize(dtype), rules),
-                        f"batch {batch} x {slots} slots x {dtype}", "cache"))
+        caches = 2 if overlap else 1
+        rows.append(Row("KV cache", caches * cache_bytes(config, sizes, batch, slots, _itemsize(dtype), rules),
+                        f"batch {batch} x {slots} slots x {dtype}" + (", two batches" if overlap else ""), "cache"))
     else:
         # token_logprobs holds the [B, T, V] float32 logits and one temporary of their size (logsumexp).
         b = _split(batch, sharding.data_parallel_size(sizes))

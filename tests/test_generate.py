@@ -5,6 +5,8 @@ import json
 import os
 import pathlib
 import shutil
+import time
+import types
 
 import jax
 import numpy as np
@@ -116,6 +118,34 @@ def test_compilations_for_many_prompts_are_a_handful(tmp_path):
     # power of two at most the window, the same for every bucket here), plus the cache initialisation: a
     # handful, never one per prompt or per bucket.
     assert 2 <= n <= 10, n
+
+
+def test_next_batch_prefills_in_a_worker_while_this_one_decodes(tmp_path, monkeypatch):
+    """On one CPU device the next batch's prefill runs in a worker thread during this batch's decode; the
+    completions are those of the sequential order, greedy and sampled rows alike."""
+    import threading
+
+    _, config, params = _load(tmp_path, sliding_window=8)
+    prompts = _prompts(config.vocab_size, [3, 21, 9, 30, 14, 5, 26])  # three batches of 3, prompt buckets differ
+    sampling = [SamplingParams(max_new_tokens=12 + i, temperature=0.8 * (i % 2), seed=i, stop_token_ids=())
+                for i in range(len(prompts))]
+    threads = []
+    run = generate._run_prefill
+    monkeypatch.setattr(generate, "_run_prefill", lambda *a: (threads.append(threading.current_thread()), run(*a))[1])
+    seen = {}
+    for overlap in (False, True):
+        threads.clear()
+        gen = Generator(params, config, batch_size=3, prefill_chunk=8, overlap_prefill=overlap)
+        t0 = time.perf_counter()
+        seen[overlap] = [(o.ids, o.finish_reason) for o in gen.generate(prompts, sampling)]
+        assert 0 < gen.busy_seconds() < time.perf_counter() - t0  # compilations that ran alone are not counted
+        assert len(threads) == 3
+        assert all((t is threading.main_thread()) != overlap for t in threads), threads
+    assert seen[True] == seen[False]
+    assert Generator(params, config)._overlap()  # the default here: one CPU device, one process
+    # Several devices, or an accelerator, run one program at a time: no overlap there.
+    assert not generate.overlaps_prefill(jax.devices() * 2)
+    assert not generate.overlaps_prefill([types.SimpleNamespace(platform="gpu")])
 
 
 def test_stop_tokens_per_row_limits_and_reasons(tmp_path):
