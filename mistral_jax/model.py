@@ -301,6 +301,17 @@ _REMAT_POLICIES = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _unrolled_layer(config: MistralConfig):
+    """One layer as a jitted function of its params: called once per layer inside a program, it is traced once
+    (JAX keeps the trace per argument shapes) and XLA inlines the calls, so the compiled program is the same as
+    with L traced copies, whose tracing and lowering made up a large part of the decode program's compile time."""
+    def layer(params, x, kv, positions, segment_ids, cache_slots):
+        (x, kv), _ = Block(config).apply({"params": params}, (x, kv), None, positions, segment_ids, cache_slots)
+        return x, kv
+    return jax.jit(layer)
+
+
 class Transformer(nn.Module):
     config: MistralConfig
     lora: LoraSpec | None = None
@@ -349,11 +360,18 @@ class Transformer(nn.Module):
             )(c, self.lora, name="layers")
             (x, new_kv), _ = layers((x, kv), jnp.arange(c.n_layers), positions, segment_ids, cache_slots)
         else:
+            # Applying per-layer params: one traced program for all layers (_unrolled_layer) when nothing but the
+            # params is bound (no LoRA, no remat, not initializing); the model traced L copies of the layer before.
+            shared = self.lora is None and c.remat == "none" and not self.is_initializing()
             new_layers = []
             for i in range(c.n_layers):
                 layer_kv = None if kv is None else {"k": kv["k"][i], "v": kv["v"][i]}
-                (x, layer_kv), _ = block(c, self.lora, name=f"layers_{i}")(
-                    (x, layer_kv), None, positions, segment_ids, cache_slots)
+                if shared:
+                    x, layer_kv = _unrolled_layer(c)(self.variables["params"][f"layers_{i}"], x, layer_kv, positions,
+                                                     segment_ids, cache_slots)
+                else:
+                    (x, layer_kv), _ = block(c, self.lora, name=f"layers_{i}")(
+                        (x, layer_kv), None, positions, segment_ids, cache_slots)
                 new_layers.append(layer_kv)
             new_kv = None if kv is None else {"k": tuple(l["k"] for l in new_layers),
                                               "v": tuple(l["v"] for l in new_layers)}
