@@ -323,7 +323,8 @@ def overlaps_prefill(devices) -> bool:
 
 def _run_prefill(program, params, kwargs, busy: list):
     t0 = time.perf_counter()
-    out = jax.block_until_ready(program(params, **kwargs))  # in a worker, its future is done when the prefill is
+    # Waited for: a worker's future is then done when the prefill is, and `busy` holds the span it ran.
+    out = jax.block_until_ready(program(params, **kwargs))
     busy.append((t0, time.perf_counter()))
     return out
 
@@ -333,11 +334,9 @@ class _Batch:
     """One batch between its prefill and its decode."""
     prompts: list
     sampling: list
-    lengths_list: list
     max_new: list
     m: int             # completion buffer length (bucketed max_new)
-    chunk: int
-    lengths: np.ndarray
+    lengths: np.ndarray  # [batch_size] prompt lengths, padding rows included
     prefilled: object  # (logits, cache), or a Future of them
 
 
@@ -399,15 +398,16 @@ class Generator:
         # program is compiled here, in the calling thread, before it is handed over.
         pool = ThreadPoolExecutor(1, thread_name_prefix="mistral-jax-prefill") \
             if len(batches) > 1 and self._overlap() else None
-        prefill = functools.partial(self._prefill, pool=pool)
+
+        def prefill(idx):
+            return self._prefill([list(prompts[j]) for j in idx], [sampling[j] for j in idx], pool)
+
         try:
-            upcoming = prefill([list(prompts[j]) for j in batches[0]], [sampling[j] for j in batches[0]]) \
-                if batches else None
+            upcoming = prefill(batches[0]) if batches else None
             for k, idx in enumerate(batches):
                 current = upcoming
                 if k + 1 < len(batches):
-                    upcoming = prefill([list(prompts[j]) for j in batches[k + 1]],
-                                       [sampling[j] for j in batches[k + 1]])
+                    upcoming = prefill(batches[k + 1])
                 comps = self._decode(current, None if on_update is None else
                                      (lambda i, c, _idx=idx: on_update(_idx[i], c)), steps_per_call)
                 for j, comp in zip(idx, comps):
@@ -465,13 +465,11 @@ class Generator:
         kwargs = dict(tokens=host["tokens"], lengths=host["lengths"], cache=cache)
         program = _program(pre, "prefill", (c, chunk), (self.params,), kwargs)
         run = functools.partial(_run_prefill, program, self.params, kwargs, self._busy)
-        return _Batch(prompts, sampling, lengths_list, max_new, m, chunk, lengths,
-                      pool.submit(run) if pool is not None else run())
+        return _Batch(prompts, sampling, max_new, m, lengths, pool.submit(run) if pool is not None else run())
 
     def _decode(self, batch: "_Batch", on_update, steps_per_call):
         c, bs = self.config, self.batch_size
-        prompts, sampling, lengths_list, max_new, m, lengths = (
-            batch.prompts, batch.sampling, batch.lengths_list, batch.max_new, batch.m, batch.lengths)
+        prompts, sampling, max_new, m, lengths = batch.prompts, batch.sampling, batch.max_new, batch.m, batch.lengths
         n = len(prompts)
         stop_lists = [list(s.stop_token_ids) if s.stop_token_ids is not None else [self.eos_id] for s in sampling]
         ns = max(1, max(len(x) for x in stop_lists))
@@ -484,7 +482,7 @@ class Generator:
             arr[:n] = values
             return arr
 
-        _, dec = _compiled(c, batch.chunk)
+        dec = _compiled_decode(c)
         prefilled = batch.prefilled
         logits, cache = prefilled.result() if isinstance(prefilled, Future) else prefilled
         row_max_new = per_row(max_new, 1, np.int32)
@@ -518,7 +516,7 @@ class Generator:
                 for i in range(n):
                     if i in cut:
                         continue
-                    comp = self._completion(out[i], cnt[i], reason[i], lengths_list[i], stop_lists[i])
+                    comp = self._completion(out[i], cnt[i], reason[i], len(prompts[i]), stop_lists[i])
                     hit = self._stop_string(comp, sampling[i].stop_strings)
                     if hit is not None:
                         cut[i] = hit
@@ -536,7 +534,7 @@ class Generator:
                 break
         comps = []
         for i in range(n):
-            comp = self._completion(out[i], cnt[i], reason[i], lengths_list[i], stop_lists[i])
+            comp = self._completion(out[i], cnt[i], reason[i], len(prompts[i]), stop_lists[i])
             if i in cut:
                 comp.ids, comp.text, comp.finish_reason = cut[i][0], cut[i][1], "stop"
             comps.append(comp)
