@@ -61,6 +61,21 @@ def test_batched_greedy_matches_transformers_one_at_a_time(tmp_path, window, lay
         assert o.finish_reason == "length" and o.prompt_tokens == len(p) and o.completion_tokens == 40
 
 
+def test_batch_of_one_on_the_cpu_layout_matches_transformers(tmp_path):
+    """Batch 1 writes its decode token through its own path (model._cache_write: a scatter of two identical
+    indices, which XLA:CPU updates in place)."""
+    from mistral_jax import api
+
+    model, _, _ = _load(tmp_path, sliding_window=5)
+    loaded = api.load_model(tmp_path / "hf")
+    assert not loaded.config.scan_layers
+    prompts = _prompts(loaded.config.vocab_size, [3, 12])
+    outs = Generator(loaded.params, loaded.config, batch_size=1, prefill_chunk=8).generate(
+        prompts, SamplingParams(max_new_tokens=30, stop_token_ids=()))
+    for p, o in zip(prompts, outs):
+        assert o.ids == _hf_greedy(model, p, 30)
+
+
 def test_rolling_buffer_equals_full_cache_and_stays_at_window(tmp_path):
     _, config, params = _load(tmp_path, sliding_window=6)
     prompts = _prompts(config.vocab_size, [25, 4, 11])
@@ -324,11 +339,12 @@ def test_generation_stops_at_the_context_length(tmp_path):
     assert outs[1].ids == _hf_greedy(model, prompts[1], 2) and outs[1].finish_reason == "length"
 
 
-@pytest.mark.parametrize("sampled", [True, False])
-def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path, sampled):
+@pytest.mark.parametrize("b,sampled", [(3, True), (3, False), (1, False)])
+def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path, b, sampled):
     """The compiled decode loop, as the tools run it on the CPU (unrolled layers), holds no copy or transpose of
     a KV-cache buffer or of a weight: each step writes the cache in place and reads every weight as stored.
-    Such copies once slowed decode on the 125M benchmark (docs/benchmarks.md)."""
+    Such copies once slowed decode on the 125M benchmark (docs/benchmarks.md); at batch 1 XLA copied every
+    layer's cache, until the write was made a scatter of two identical indices (model._cache_write)."""
     import re
 
     import jax.numpy as jnp
@@ -340,7 +356,7 @@ def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path
     loaded = api.load_model(tmp_path / "hf")
     config, params = loaded.config, loaded.params
     assert not config.scan_layers  # the CPU layout
-    b, slots, m = 3, 8, 16
+    slots, m = 8, 16
     z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
     state = dict(cache=init_cache(config, b, slots), logits=jnp.zeros((b, config.vocab_size), jnp.float32),
                  out=jnp.zeros((b, m), jnp.int32), n=z(0), pos=z(5), done=z(False, bool), reason=z(0),
