@@ -17,6 +17,7 @@ import hashlib
 import os
 import struct
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence
@@ -202,7 +203,7 @@ def _signature(name: str, bound, static: dict, args: tuple, kwargs: dict) -> str
 
     leaves, tree = jax.tree.flatten((args, kwargs))
     avals = [(tuple(x.shape), str(x.dtype), getattr(x, "weak_type", False),
-              repr(x.sharding) if isinstance(x, jax.Array) else None) for x in leaves]
+              repr(getattr(x, "sharding", None))) for x in leaves]
     devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
     settings = [str(getattr(jax.config, k, None)) for k in (
         "jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl", "jax_threefry_partitionable")]
@@ -321,6 +322,20 @@ def overlaps_prefill(devices) -> bool:
     return jax.process_count() == 1 and len(devices) == 1 and devices[0].platform == "cpu"
 
 
+def _ready_time(x) -> Future:
+    """The time at which the array `x` becomes ready, seen by a thread that waits for it: the end of the
+    computation that produces it while the calling thread goes on with other work."""
+    done: Future = Future()
+
+    def wait():
+        try:
+            jax.block_until_ready(x)
+        finally:
+            done.set_result(time.perf_counter())
+    threading.Thread(target=wait, daemon=True, name="mistral-jax-wait").start()
+    return done
+
+
 def _run_prefill(program, params, kwargs, busy: list):
     t0 = time.perf_counter()
     # Waited for: a worker's future is then done when the prefill is, and `busy` holds the span it ran.
@@ -337,6 +352,7 @@ class _Batch:
     max_new: list
     m: int             # completion buffer length (bucketed max_new)
     lengths: np.ndarray  # [batch_size] prompt lengths, padding rows included
+    prefilled_info: object  # shapes, dtypes and shardings of (logits, cache): the decode program's inputs
     prefilled: object  # (logits, cache), or a Future of them
 
 
@@ -394,8 +410,11 @@ class Generator:
         results: list[Completion | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))  # stable: ties keep their order
         batches = [order[s:s + self.batch_size] for s in range(0, len(prompts), self.batch_size)]
-        # The next batch's prefill runs in a worker thread while this batch decodes (see overlap_prefill); its
-        # program is compiled here, in the calling thread, before it is handed over.
+        # With the overlap (see overlap_prefill), the next batch's prefill runs in a worker thread while this
+        # batch decodes. Its program is compiled here, in the calling thread (which holds the mesh and axis-rule
+        # contexts that tracing needs), once this batch's decode has been dispatched: the compilation, bound by
+        # arithmetic, then runs beside the decode, bound by memory reads. Without the overlap, the next batch is
+        # prefilled after this one has decoded: one batch's KV cache at a time.
         pool = ThreadPoolExecutor(1, thread_name_prefix="mistral-jax-prefill") \
             if len(batches) > 1 and self._overlap() else None
 
@@ -405,11 +424,18 @@ class Generator:
         try:
             upcoming = prefill(batches[0]) if batches else None
             for k, idx in enumerate(batches):
-                current = upcoming
-                if k + 1 < len(batches):
-                    upcoming = prefill(batches[k + 1])
+                current, upcoming = upcoming, None
+                nxt = batches[k + 1] if k + 1 < len(batches) else None
+
+                def ahead(_nxt=nxt):
+                    nonlocal upcoming
+                    upcoming = prefill(_nxt)
+
                 comps = self._decode(current, None if on_update is None else
-                                     (lambda i, c, _idx=idx: on_update(_idx[i], c)), steps_per_call)
+                                     (lambda i, c, _idx=idx: on_update(_idx[i], c)), steps_per_call,
+                                     ahead if pool is not None and nxt is not None else None)
+                if upcoming is None and nxt is not None:
+                    upcoming = prefill(nxt)
                 for j, comp in zip(idx, comps):
                     results[j] = comp
                 if on_batch is not None:
@@ -465,9 +491,13 @@ class Generator:
         kwargs = dict(tokens=host["tokens"], lengths=host["lengths"], cache=cache)
         program = _program(pre, "prefill", (c, chunk), (self.params,), kwargs)
         run = functools.partial(_run_prefill, program, self.params, kwargs, self._busy)
-        return _Batch(prompts, sampling, max_new, m, lengths, pool.submit(run) if pool is not None else run())
+        return _Batch(prompts, sampling, max_new, m, lengths, program.out_info,
+                      pool.submit(run) if pool is not None else run())
 
-    def _decode(self, batch: "_Batch", on_update, steps_per_call):
+    def _decode(self, batch: "_Batch", on_update, steps_per_call, ahead: Callable[[], None] | None = None):
+        """Decodes one batch. Its program is found or compiled from the prefill's output shapes, so while the
+        prefill still runs. `ahead`: called once the first decode call has been dispatched, before its result
+        is waited for."""
         c, bs = self.config, self.batch_size
         prompts, sampling, max_new, m, lengths = batch.prompts, batch.sampling, batch.max_new, batch.m, batch.lengths
         n = len(prompts)
@@ -482,35 +512,48 @@ class Generator:
             arr[:n] = values
             return arr
 
-        dec = _compiled_decode(c)
-        prefilled = batch.prefilled
-        logits, cache = prefilled.result() if isinstance(prefilled, Future) else prefilled
         row_max_new = per_row(max_new, 1, np.int32)
-        put = jax.device_put  # host arrays are transferred, not built by small compiled programs
-        state = dict(
-            cache=cache, logits=logits, out=put(np.zeros((bs, m), np.int32)),
-            n=put(np.zeros((bs,), np.int32)), pos=put(lengths),
+        host = dict(
+            out=np.zeros((bs, m), np.int32), n=np.zeros((bs,), np.int32), pos=lengths,
             # Padding rows, and prompts that already fill the context, start done.
-            done=put((np.arange(bs) >= n) | (row_max_new <= 0)),
-            reason=put(np.where(row_max_new <= 0, 2, 0).astype(np.int32)),
-            seeds=put(per_row([s.seed for s in sampling], 0, np.uint32)),
-            temperature=put(per_row([s.temperature for s in sampling], 0.0, np.float32)),
-            top_k=put(per_row([s.top_k for s in sampling], 0, np.int32)),
-            top_p=put(per_row([s.top_p for s in sampling], 1.0, np.float32)),
-            max_new=put(row_max_new),
-            stop_ids=put(stop_ids),
+            done=(np.arange(bs) >= n) | (row_max_new <= 0),
+            reason=np.where(row_max_new <= 0, 2, 0).astype(np.int32),
+            seeds=per_row([s.seed for s in sampling], 0, np.uint32),
+            temperature=per_row([s.temperature for s in sampling], 0.0, np.float32),
+            top_k=per_row([s.top_k for s in sampling], 0, np.int32),
+            top_p=per_row([s.top_p for s in sampling], 1.0, np.float32),
+            max_new=row_max_new,
+            stop_ids=stop_ids,
         )
         sampled = any(s.temperature > 0 for s in sampling)
         need_host = on_update is not None or any(s.stop_strings for s in sampling)
-        step = steps_per_call or (16 if need_host else m)
+        step = np.int32(steps_per_call or (16 if need_host else m))
+        # Every call of this batch has these shapes (a call returns the state it was given, updated). Host arrays
+        # are abstract without a sharding: transferred uncommitted, as they are below.
+        logits_info, cache_info = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type),
+            batch.prefilled_info)
+        abstract = dict(cache=cache_info, logits=logits_info,
+                        **{k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()})
+        program = _program(_compiled_decode(c), "decode", c, (self.params,), dict(state=abstract, max_steps=step),
+                           {"sampled": sampled})
+        prefilled = batch.prefilled
+        logits, cache = prefilled.result() if isinstance(prefilled, Future) else prefilled
+        # Host arrays are transferred, not built by small compiled programs.
+        state = dict(cache=cache, logits=logits, **{k: jax.device_put(v) for k, v in host.items()})
         cut: dict[int, tuple[list[int], str]] = {}  # rows stopped by a stop string: (ids, text)
         while True:
-            kwargs = dict(state=state, max_steps=np.int32(step))
-            program = _program(dec, "decode", c, (self.params,), kwargs, {"sampled": sampled})
             t0 = time.perf_counter()
-            state = program(self.params, **kwargs)
-            out, cnt, done, reason = self.fetch((state["out"], state["n"], state["done"], state["reason"]))
-            self._busy.append((t0, time.perf_counter()))
+            state = program(self.params, state=state, max_steps=step)
+            if ahead is not None:
+                ahead, run_ahead = None, ahead
+                end = _ready_time(state["n"])
+                run_ahead()
+                out, cnt, done, reason = self.fetch((state["out"], state["n"], state["done"], state["reason"]))
+                self._busy.append((t0, end.result()))
+            else:
+                out, cnt, done, reason = self.fetch((state["out"], state["n"], state["done"], state["reason"]))
+                self._busy.append((t0, time.perf_counter()))
             if need_host:
                 newly_done = []
                 for i in range(n):

@@ -137,25 +137,52 @@ def test_compilations_for_many_prompts_are_a_handful(tmp_path):
 
 def test_next_batch_prefills_in_a_worker_while_this_one_decodes(tmp_path, monkeypatch):
     """On one CPU device the next batch's prefill runs in a worker thread during this batch's decode; the
-    completions are those of the sequential order, greedy and sampled rows alike."""
+    completions are those of the sequential order, greedy and sampled rows alike. Elsewhere batches run one
+    after the other."""
     import threading
 
     _, config, params = _load(tmp_path, sliding_window=8)
     prompts = _prompts(config.vocab_size, [3, 21, 9, 30, 14, 5, 26])  # three batches of 3, prompt buckets differ
     sampling = [SamplingParams(max_new_tokens=12 + i, temperature=0.8 * (i % 2), seed=i, stop_token_ids=())
                 for i in range(len(prompts))]
-    threads = []
-    run = generate._run_prefill
-    monkeypatch.setattr(generate, "_run_prefill", lambda *a: (threads.append(threading.current_thread()), run(*a))[1])
+    threads, events = [], []  # events: (thread is the main one, what)
+    run, find = generate._run_prefill, generate._program
+
+    def log(what):
+        events.append((threading.current_thread() is threading.main_thread(), what))
+
+    def run_prefill(*a):
+        threads.append(threading.current_thread())
+        log("run prefill")
+        return run(*a)
+
+    def program(jitted, name, *a, **k):
+        log(f"find {name}")
+        found = find(jitted, name, *a, **k)
+        if name != "decode":
+            return found
+        return lambda *args, **kwargs: (log("run decode"), found(*args, **kwargs))[1]
+
+    monkeypatch.setattr(generate, "_run_prefill", run_prefill)
+    monkeypatch.setattr(generate, "_program", program)
     seen = {}
     for overlap in (False, True):
         threads.clear()
+        events.clear()
         gen = Generator(params, config, batch_size=3, prefill_chunk=8, overlap_prefill=overlap)
         t0 = time.perf_counter()
         seen[overlap] = [(o.ids, o.finish_reason) for o in gen.generate(prompts, sampling)]
         assert 0 < gen.busy_seconds() < time.perf_counter() - t0  # compilations that ran alone are not counted
         assert len(threads) == 3
         assert all((t is threading.main_thread()) != overlap for t in threads), threads
+        main = [what for in_main, what in events if in_main]
+        if overlap:
+            # A batch's decode program is found before its prefill is waited for; the next batch's prefill
+            # program once this batch's decode has been dispatched.
+            assert main == ["find prefill"] + ["find decode", "run decode", "find prefill"] * 2 + [
+                "find decode", "run decode"], main
+        else:  # one batch at a time: the next prefill after this decode, one KV cache held
+            assert main == ["find prefill", "run prefill", "find decode", "run decode"] * 3, main
     assert seen[True] == seen[False]
     assert Generator(params, config)._overlap()  # the default here: one CPU device, one process
     # Several devices, or an accelerator, run one program at a time: no overlap there.
