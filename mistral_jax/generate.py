@@ -161,8 +161,8 @@ _CPU_IN_MAJOR_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 # LLVM's optimization level for the code XLA:CPU generates itself (elementwise and reduction fusions; the products
 # run in YNNPACK or Eigen, compiled beforehand). Level 1 compiled the 125M benchmark's prefill and decode
-# programs about a fifth faster than the default 3, and they ran as fast (scratch A/B runs at batch 1, 8 and 32,
-# the same tokens); level 0 was faster still to compile but ran prefill and decode a fifth slower.
+# programs faster than the default 3, and they ran as fast, with the same tokens (scratch A/B scripts at batch 1,
+# 8 and 32); level 0 was faster still to compile but ran prefill and decode markedly slower.
 _CPU_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
@@ -556,15 +556,13 @@ class Generator:
         while True:
             t0 = time.perf_counter()
             state = program(self.params, state=state, max_steps=step)
-            if ahead is not None:
-                ahead, run_ahead = None, ahead
+            end = None
+            if ahead is not None:  # the decode runs meanwhile; a waiting thread notes when it ends
                 end = _ready_time(state["n"])
-                run_ahead()
-                out, cnt, done, reason = self.fetch((state["out"], state["n"], state["done"], state["reason"]))
-                self._busy.append((t0, end.result()))
-            else:
-                out, cnt, done, reason = self.fetch((state["out"], state["n"], state["done"], state["reason"]))
-                self._busy.append((t0, time.perf_counter()))
+                ahead()
+                ahead = None
+            out, cnt, done, reason = self.fetch((state["out"], state["n"], state["done"], state["reason"]))
+            self._busy.append((t0, time.perf_counter() if end is None else end.result()))
             if need_host:
                 newly_done = []
                 for i in range(n):
