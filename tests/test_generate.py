@@ -289,7 +289,8 @@ def test_generate_job_resumes_and_reports_bad_rows(tok_model, tmp_path, monkeypa
     rows = [json.dumps({"id": f"p{i}", "prompt": f"Story number {i}:"}) for i in range(5)]
     rows += ["{broken", json.dumps({"id": "m", "messages": [{"role": "user", "content": "Hi there"}]}),
              json.dumps({"id": "ids", "prompt_ids": [1, 300, 400]}), json.dumps({"id": "oov", "prompt_ids": [1, 32000]}),
-             json.dumps({"id": "none", "text": "x"}), json.dumps({"id": "badmsg", "messages": [{"role": "bot", "content": "x"}]})]
+             json.dumps({"id": "none", "text": "x"}), json.dumps({"id": "badmsg", "messages": [{"role": "bot", "content": "x"}]}),
+             json.dumps({"id": "long", "prompt_ids": [1] + [300] * 512})]  # 513 tokens, the context is 512
     rows += [json.dumps({"id": f"q{i}", "prompt": f"Another {i}"}) for i in range(4)]
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(rows) + "\n")
@@ -298,11 +299,13 @@ def test_generate_job_resumes_and_reports_bad_rows(tok_model, tmp_path, monkeypa
     assert gen_cli.main(args + ["--output", str(full_out)]) == 0
     full = [json.loads(x) for x in full_out.read_text().splitlines()]
     ids = [r["id"] for r in full]
-    assert ids == ["p0", "p1", "p2", "p3", "p4", 6, "m", "ids", "oov", "none", "badmsg", "q0", "q1", "q2", "q3"]
+    assert ids == ["p0", "p1", "p2", "p3", "p4", 6, "m", "ids", "oov", "none", "badmsg", "long", "q0", "q1", "q2",
+                   "q3"]
     err = {r["id"]: r["error"] for r in full if "error" in r}
-    assert set(err) == {6, "oov", "none", "badmsg"}
+    assert set(err) == {6, "oov", "none", "badmsg", "long"}
     assert "in.jsonl:6: not valid JSON" in err[6] and "token id 32000" in err["oov"]
     assert "none of 'prompt', 'messages', 'prompt_ids'" in err["none"] and "in.jsonl:11" in err["badmsg"]
+    assert "in.jsonl:12" in err["long"] and "513 tokens exceed the model's context of 512" in err["long"]
     tok = Tokenizer.from_file(str(path / "tokenizer.model"))
     for r in full:
         if "error" in r:
