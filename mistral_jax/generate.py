@@ -79,19 +79,10 @@ def prefill(params, config: MistralConfig, tokens, lengths, cache, chunk: int):
     (cache, chunk) and is then written into the rolling buffer, so the cache never holds more than its slots.
     The first chunk attends itself alone (there is nothing cached yet), with the configured attention kernel.
 
-    Per-layer params (config.scan_layers False, the CPU inference layout) are stacked inside the program and
-    run as one scanned layer, and so is the cache: a copy of the weights per call (a few percent of a prefill),
-    against a program of one layer instead of L. The unrolled program took longer to trace and compile, and
-    its first two runs were each markedly slower on XLA:CPU, which builds the YNNPACK runtime of each of its
-    fusion kernels (L times as many) lazily, per concurrent use (docs/benchmarks.md). Decode keeps the
-    per-layer form, where a weight sliced out of a stack would be copied at every step."""
-    if not config.scan_layers:
-        params = {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])}
-        stacked = {**cache, "k": jnp.stack(cache["k"]), "v": jnp.stack(cache["v"])}
-        logits, stacked = prefill(params, config.replace(scan_layers=True), tokens, lengths, stacked, chunk)
-        n = config.n_layers
-        return logits, {**stacked, "k": tuple(stacked["k"][i] for i in range(n)),
-                        "v": tuple(stacked["v"][i] for i in range(n))}
+    Per-layer params (config.scan_layers False, the CPU inference layout) run as L calls of one traced layer
+    (model._unrolled_layer), as in decode. Stacking them inside the program to run one scanned layer copied
+    every weight at every call (twice the weights' memory during a prefill) and ran slower.
+    """
     b, t = tokens.shape
     c = min(chunk, t)
     n = t // c

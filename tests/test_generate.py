@@ -411,6 +411,30 @@ def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path
     assert "dot(" in hlo or "fusion" in hlo  # the program was inspected, not an empty text
 
 
+def test_prefill_program_on_the_cpu_layout_holds_no_copy_of_the_weights(tmp_path):
+    """Prefill with per-layer params (what load_model gives on the CPU) reads the weights where they lie: the
+    compiled program's temporary memory stays well under the weights' size, for one chunk and for several.
+    Stacking the layers inside the program (one scanned layer) copied every weight at every call, twice the
+    weights' memory during a prefill."""
+    import jax.numpy as jnp
+
+    from mistral_jax import api, generate
+    from mistral_jax.kv_cache import init_cache
+
+    make_hf_model(0, sliding_window=8)[0].save_pretrained(tmp_path / "hf")
+    loaded = api.load_model(tmp_path / "hf")
+    config, params = loaded.config, loaded.params
+    assert not config.scan_layers  # the CPU layout
+    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
+    b = 2
+    for t, chunk in [(16, 16), (32, 8)]:
+        pre, _ = generate._compiled(config, chunk)
+        compiled = pre.lower(params, tokens=jnp.zeros((b, t), jnp.int32), lengths=jnp.full((b,), t, jnp.int32),
+                             cache=init_cache(config, b, 8)).compile()
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        assert temp < layer_bytes / 2, (t, chunk, temp, layer_bytes)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_out_major_weights_give_the_same_logits(tied):
     """model.out_major_weights ([out, in] weights, the CPU inference layout) against the training layout, through
