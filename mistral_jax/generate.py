@@ -363,9 +363,10 @@ class Generator:
 
     `overlap_prefill`: run the next batch's prefill in a worker thread while this batch decodes. None (default)
     does so when the params are on one CPU device in one process (overlaps_prefill): there the two programs
-    share the cores, decode bound by memory reads and prefill by arithmetic, and a job of several batches
-    takes less time (docs/benchmarks.md); two batches' KV caches are then held at once. Elsewhere a device runs
-    one program at a time, and several processes must issue their programs in one order."""
+    share the cores, and the next batch's prefill program compiles beside a running decode, so a job that
+    compiles takes less time; once its programs are compiled, the overlap no longer made the benchmark's job
+    faster (docs/benchmarks.md). Two batches' KV caches are then held at once. Elsewhere a device runs one
+    program at a time, and several processes must issue their programs in one order."""
 
     def __init__(self, params, config: MistralConfig, tokenizer=None, batch_size: int = 8,
                  prefill_chunk: int = 512, place: Callable | None = None, cache_slots: int | None = None,
