@@ -81,7 +81,8 @@ def prefill(params, config: MistralConfig, tokens, lengths, cache, chunk: int):
 
     Per-layer params (config.scan_layers False, the CPU inference layout) run as L calls of one traced layer
     (model._unrolled_layer), as in decode. Stacking them inside the program to run one scanned layer copied
-    every weight at every call (twice the weights' memory during a prefill) and ran slower.
+    every weight at every call, twice the weights' memory during a prefill; the benchmark's job took as long
+    either way (docs/benchmarks.md), the unrolled program's first run being the slower one.
     """
     b, t = tokens.shape
     c = min(chunk, t)

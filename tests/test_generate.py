@@ -369,6 +369,16 @@ def test_generation_stops_at_the_context_length(tmp_path):
     assert outs[1].ids == _hf_greedy(model, prompts[1], 2) and outs[1].finish_reason == "length"
 
 
+def _cpu_layout(tmp_path):
+    """(config, params) as load_model gives them on the CPU: per-layer, out-major weights."""
+    from mistral_jax import api
+
+    make_hf_model(0, sliding_window=8)[0].save_pretrained(tmp_path / "hf")
+    loaded = api.load_model(tmp_path / "hf")
+    assert not loaded.config.scan_layers and loaded.config.out_major_weights
+    return loaded.config, loaded.params
+
+
 @pytest.mark.parametrize("b,sampled", [(3, True), (3, False), (1, False)])
 def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path, b, sampled):
     """The compiled decode loop, as the tools run it on the CPU (unrolled layers), holds no copy or transpose of
@@ -379,13 +389,9 @@ def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path
 
     import jax.numpy as jnp
 
-    from mistral_jax import api, generate
     from mistral_jax.kv_cache import init_cache
 
-    make_hf_model(0, sliding_window=8)[0].save_pretrained(tmp_path / "hf")
-    loaded = api.load_model(tmp_path / "hf")
-    config, params = loaded.config, loaded.params
-    assert not config.scan_layers  # the CPU layout
+    config, params = _cpu_layout(tmp_path)
     slots, m = 8, 16
     z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
     state = dict(cache=init_cache(config, b, slots), logits=jnp.zeros((b, config.vocab_size), jnp.float32),
@@ -418,13 +424,9 @@ def test_prefill_program_on_the_cpu_layout_holds_no_copy_of_the_weights(tmp_path
     weights' memory during a prefill."""
     import jax.numpy as jnp
 
-    from mistral_jax import api, generate
     from mistral_jax.kv_cache import init_cache
 
-    make_hf_model(0, sliding_window=8)[0].save_pretrained(tmp_path / "hf")
-    loaded = api.load_model(tmp_path / "hf")
-    config, params = loaded.config, loaded.params
-    assert not config.scan_layers  # the CPU layout
+    config, params = _cpu_layout(tmp_path)
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
     b = 2
     for t, chunk in [(16, 16), (32, 8)]:
