@@ -308,6 +308,34 @@ def test_inference_layouts_load_straight(tmp_path, hf_dir, hf_model, fmt, unroll
     assert_trees_equal(got, inference_layout(expected_params(w, cfg), unrolled, out_major))
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["no-sharding", "one-device-sharding"])
+def test_safetensors_weights_become_arrays_without_a_copy(hf_dir, monkeypatch, sharded):
+    """On the CPU each weight is read into a host buffer that becomes the jax.Array itself (XLA:CPU aliases
+    64-byte aligned buffers): every leaf's array lies at its host buffer's address, in every inference layout."""
+    puts = []
+    put = ck._put
+
+    def spy(host, sharding):
+        arr = put(host, sharding)
+        puts.append((host.ctypes.data, arr.addressable_shards[0].data.unsafe_buffer_pointer(), host.shape))
+        return arr
+
+    from mistral_jax import model as model_lib
+
+    monkeypatch.setattr(ck, "_put", spy)
+    cfg = ck.load_config(hf_dir)
+    for unrolled, out_major in [(False, False), (True, True)]:
+        shardings = None
+        if sharded:  # as the job tools give them (a mesh of one device): through make_array_from_callback
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: one, model_lib.param_shapes(cfg))
+        puts.clear()
+        ck.load_params(hf_dir, shardings=shardings, unrolled=unrolled, out_major=out_major)
+        assert puts and all(h % 64 == 0 for h, _, _ in puts)
+        copied = [shape for h, a, shape in puts if h != a]
+        assert not copied, copied
+
+
 def test_native_export_matches_oracle_layout(tmp_path, hf_dir, hf_model):
     model, cfg, w = hf_model
     native_w, _ = hf_to_native(w, cfg)
