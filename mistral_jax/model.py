@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -128,21 +128,34 @@ def _project(module: nn.Module, name: str, x, w, eq: str, n_in: int, in_axes, ou
     return y + jnp.tensordot(h, b.astype(dt), axes=1) * jnp.asarray(spec.scale, dt)
 
 
-def _param(module: nn.Module, name: str, shape, axes, init=_init):
+# Logical axis names of every param, by its name, in the declared layout ([in..., out...] for a projection): the
+# modules declare their params with them, and param_logical_axes / param_shapes build the param tree from them and
+# checkpoint.leaf_shapes without tracing the model (a tool's start-up spent a third of a second on that trace).
+_AXES = {
+    "embedding": ("vocab", "embed"), "scale": ("embed",), "kernel": ("embed", "vocab"),
+    "wq": ("embed", "heads", "head_dim"), "wk": ("embed", "kv_heads", "head_dim"),
+    "wv": ("embed", "kv_heads", "head_dim"), "wo": ("heads", "head_dim", "embed"),
+    "w1": ("embed", "mlp"), "w3": ("embed", "mlp"), "w2": ("mlp", "embed"),
+}
+
+
+def _param(module: nn.Module, name: str, shape, init=_init, axes=None):
     cfg = module.config
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+    return module.param(name, nn.with_logical_partitioning(init, axes or _AXES[name]), shape,
+                        jnp.dtype(cfg.param_dtype))
 
 
 # Projection weights: name -> number of leading input axes in the [in..., out...] layout.
 _WEIGHT_INPUTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w3": 1, "w2": 1, "kernel": 1}
 
 
-def _weight(module: nn.Module, name: str, shape, axes):
+def _weight(module: nn.Module, name: str, shape):
     """A projection weight declared [in..., out...], held [out..., in...] when config.out_major_weights."""
+    axes = _AXES[name]
     if module.config.out_major_weights:
         perm = out_major_perm(name, len(shape))
         shape, axes = tuple(shape[i] for i in perm), tuple(axes[i] for i in perm)
-    return _param(module, name, shape, axes)
+    return _param(module, name, shape, axes=axes)
 
 
 class RMSNorm(nn.Module):
@@ -150,7 +163,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones)
+        scale = _param(self, "scale", (x.shape[-1],), nn.initializers.ones)
         # Statistics in float32 whatever the compute dtype; the scale is applied in the compute dtype, as in
         # the reference implementations.
         x32 = x.astype(jnp.float32)
@@ -170,10 +183,10 @@ class Attention(nn.Module):
         `position % S`."""
         c = self.config
         d, n, k, h = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
-        wq = _weight(self, "wq", (d, n, h), ("embed", "heads", "head_dim"))
-        wk = _weight(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"))
-        wv = _weight(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"))
-        wo = _weight(self, "wo", (n, h, d), ("heads", "head_dim", "embed"))
+        wq = _weight(self, "wq", (d, n, h))
+        wk = _weight(self, "wk", (d, k, h))
+        wv = _weight(self, "wv", (d, k, h))
+        wo = _weight(self, "wo", (n, h, d))
 
         q = _project(self, "wq", x, wq, "btd,dnh->btnh", 1, ("embed",), ("heads", "head_dim"))
         kk = _project(self, "wk", x, wk, "btd,dkh->btkh", 1, ("embed",), ("kv_heads", "head_dim"))
@@ -277,9 +290,9 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        w1 = _weight(self, "w1", (c.dim, c.hidden_dim), ("embed", "mlp"))
-        w3 = _weight(self, "w3", (c.dim, c.hidden_dim), ("embed", "mlp"))
-        w2 = _weight(self, "w2", (c.hidden_dim, c.dim), ("mlp", "embed"))
+        w1 = _weight(self, "w1", (c.dim, c.hidden_dim))
+        w3 = _weight(self, "w3", (c.dim, c.hidden_dim))
+        w2 = _weight(self, "w2", (c.hidden_dim, c.dim))
         gate = _project(self, "w1", x, w1, "btd,df->btf", 1, ("embed",), ("mlp",))
         up = _project(self, "w3", x, w3, "btd,df->btf", 1, ("embed",), ("mlp",))
         hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
@@ -343,7 +356,7 @@ class Transformer(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
 
-        embedding = _param(self, "embedding", (c.vocab_size, c.dim), ("vocab", "embed"))  # in tok_embeddings
+        embedding = _param(self, "embedding", (c.vocab_size, c.dim))  # in tok_embeddings
         x = jnp.take(embedding, tokens, axis=0).astype(dt)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -392,7 +405,7 @@ class Transformer(nn.Module):
             logits = _matmul(x, embedding.astype(dt), 1, out_major=True) if c.out_major_weights else \
                 jnp.einsum("btd,vd->btv", x, embedding.astype(dt))
         else:
-            kernel = _weight(self, "kernel", (c.dim, c.vocab_size), ("embed", "vocab"))  # in output
+            kernel = _weight(self, "kernel", (c.dim, c.vocab_size))  # in output
             logits = _matmul(x, kernel.astype(dt), 1, True) if c.out_major_weights else \
                 jnp.einsum("btd,dv->btv", x, kernel.astype(dt))
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
@@ -429,31 +442,52 @@ def _to_flax(params):
     return out
 
 
-@functools.lru_cache(maxsize=16)
-def _abstract_boxed(config: MistralConfig):
-    """The boxed param tree of `config` as shapes, traced once per config (a start-up of the tools asked for it
-    five times). Callers build new trees from it (nn.unbox, tree.map)."""
-    model = Transformer(config)
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(lambda r: model.init(r, tokens)["params"], jax.random.key(0))
-
-
 def init_params(config: MistralConfig, rng) -> Params:
     """Random params (std 0.02, norms at 1) as a plain nested dict."""
     boxed = Transformer(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
     return _to_public(nn.unbox(boxed))
 
 
+def _param_tree(config: MistralConfig, leaf: Callable[[tuple[int, ...], tuple[str, ...]], Any]) -> Params:
+    """The param tree of `config` (stacked or per-layer, in- or out-major) with leaf(shape, axes) at each leaf,
+    built from checkpoint.leaf_shapes and _AXES: the tree Transformer.init gives (tests/test_sharding.py)."""
+    from .checkpoint import leaf_shapes
+
+    c = config
+    top: Params = {}
+    layer: Params = {}
+    for path, shape in leaf_shapes(c).items():
+        *groups, name = path.split("/")
+        stacked = groups[0] == "layers"
+        axes = _AXES[name]
+        if stacked:
+            shape = shape[1:]
+        perm = out_major_perm(name, len(shape)) if c.out_major_weights else None
+        if perm is not None:
+            shape, axes = tuple(shape[i] for i in perm), tuple(axes[i] for i in perm)
+        if not stacked:
+            top.setdefault(groups[0], {})[name] = leaf(tuple(shape), axes)
+        elif c.scan_layers:
+            layer.setdefault(groups[1], {})[name] = leaf((c.n_layers, *shape), ("layers", *axes))
+        else:
+            layer.setdefault(groups[1], {})[name] = (tuple(shape), axes)
+    if c.scan_layers:
+        top["layers"] = layer
+    else:
+        top["layers"] = tuple({g: {k: leaf(*v) for k, v in mods.items()} for g, mods in layer.items()}
+                              for _ in range(c.n_layers))
+    return top
+
+
 def param_shapes(config: MistralConfig) -> Params:
     """The param tree as jax.ShapeDtypeStruct leaves (no memory)."""
-    return _to_public(nn.unbox(_abstract_boxed(config)))
+    dtype = jnp.dtype(config.param_dtype)
+    return _param_tree(config, lambda shape, _: jax.ShapeDtypeStruct(shape, dtype))
 
 
 def param_logical_axes(config: MistralConfig) -> Params:
     """The param tree with a tuple of logical axis names at each leaf, e.g. ('layers', 'embed', 'heads', 'head_dim')."""
-    boxed = _abstract_boxed(config)
-    axes = jax.tree.map(lambda p: tuple(p.names), boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    return _to_public(axes)
+    return _param_tree(config, lambda _, axes: axes)
 
 
 def apply(params: Params, config: MistralConfig, tokens, positions=None, segment_ids=None, cache=None,

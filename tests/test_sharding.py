@@ -96,6 +96,33 @@ def test_round_batch():
     assert round_batch(8, {"data": 4, "tensor": 2}) == 8
 
 
+@pytest.mark.parametrize("scan,out_major,tied", [(True, False, False), (True, True, True), (False, False, True),
+                                                  (False, True, False)])
+def test_param_tree_without_tracing_equals_what_the_model_declares(scan, out_major, tied):
+    """model.param_shapes / param_logical_axes (built from checkpoint.leaf_shapes and the axis table, no trace)
+    equal the tree that Transformer.init declares, in every layout: stacked or per-layer, in- or out-major, tied
+    or not."""
+    import flax.linen as nn
+    import jax
+
+    from mistral_jax import model as model_lib
+    from mistral_jax.config import get_preset
+
+    c = get_preset("tiny", scan_layers=scan, out_major_weights=out_major, tie_embeddings=tied, param_dtype="bfloat16")
+    boxed = jax.eval_shape(lambda r: model_lib.Transformer(c).init(r, jax.ShapeDtypeStruct((1, 1), "int32"))["params"],
+                           jax.random.key(0))
+    traced_shapes = model_lib._to_public(nn.unbox(boxed))
+    traced_axes = model_lib._to_public(jax.tree.map(lambda p: tuple(p.names), boxed,
+                                                    is_leaf=lambda x: isinstance(x, nn.Partitioned)))
+    shapes, axes = model_lib.param_shapes(c), model_lib.param_logical_axes(c)
+    assert jax.tree.structure(shapes) == jax.tree.structure(traced_shapes)
+    assert jax.tree.leaves(shapes) == jax.tree.leaves(traced_shapes)  # shapes and dtypes
+    is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, str) for n in x)  # noqa: E731
+    assert jax.tree.structure(axes, is_leaf=is_names) == jax.tree.structure(traced_axes, is_leaf=is_names)
+    assert jax.tree.leaves(axes, is_leaf=is_names) == jax.tree.leaves(traced_axes, is_leaf=is_names)
+    assert isinstance(shapes["layers"], tuple) != scan and ("output" in shapes) != tied
+
+
 def test_memory_plan_is_the_exact_share_of_the_real_preset():
     from mistral_jax import kv_cache, memory_plan
     from mistral_jax.config import get_preset
