@@ -359,7 +359,7 @@ def _host_leaves(reader: st.SafetensorsReader, fmt: str, config: MistralConfig, 
 
 # XLA:CPU takes a host buffer aligned to this many bytes as it is (jax.device_put aliases it, no copy); any other
 # buffer is copied into a fresh one. np.empty gave 16-byte aligned buffers, so every weight was copied twice on
-# the CPU (100 MB: 74 ms against 8 ms on the development VM), its memory held twice meanwhile.
+# the CPU (about ten times slower than the aliasing, on the development VM), its memory held twice meanwhile.
 _CPU_ALIGNMENT = 64
 
 
