@@ -149,12 +149,19 @@ def _param(module: nn.Module, name: str, shape, init=_init, axes=None):
 _WEIGHT_INPUTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w3": 1, "w2": 1, "kernel": 1}
 
 
+def _held(name: str, shape, out_major: bool) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(shape, logical axes) of param `name` declared with `shape`, as held: a projection weight [out..., in...]
+    when `out_major`, anything else as declared."""
+    axes = _AXES[name]
+    perm = out_major_perm(name, len(shape)) if out_major else None
+    if perm is not None:
+        shape, axes = tuple(shape[i] for i in perm), tuple(axes[i] for i in perm)
+    return tuple(shape), axes
+
+
 def _weight(module: nn.Module, name: str, shape):
     """A projection weight declared [in..., out...], held [out..., in...] when config.out_major_weights."""
-    axes = _AXES[name]
-    if module.config.out_major_weights:
-        perm = out_major_perm(name, len(shape))
-        shape, axes = tuple(shape[i] for i in perm), tuple(axes[i] for i in perm)
+    shape, axes = _held(name, shape, module.config.out_major_weights)
     return _param(module, name, shape, axes=axes)
 
 
@@ -455,26 +462,18 @@ def _param_tree(config: MistralConfig, leaf: Callable[[tuple[int, ...], tuple[st
 
     c = config
     top: Params = {}
-    layer: Params = {}
+    layer: Params = {}  # group -> name -> (shape, axes) of one layer
     for path, shape in leaf_shapes(c).items():
         *groups, name = path.split("/")
-        stacked = groups[0] == "layers"
-        axes = _AXES[name]
-        if stacked:
-            shape = shape[1:]
-        perm = out_major_perm(name, len(shape)) if c.out_major_weights else None
-        if perm is not None:
-            shape, axes = tuple(shape[i] for i in perm), tuple(axes[i] for i in perm)
-        if not stacked:
-            top.setdefault(groups[0], {})[name] = leaf(tuple(shape), axes)
-        elif c.scan_layers:
-            layer.setdefault(groups[1], {})[name] = leaf((c.n_layers, *shape), ("layers", *axes))
+        if groups[0] == "layers":
+            layer.setdefault(groups[1], {})[name] = _held(name, shape[1:], c.out_major_weights)
         else:
-            layer.setdefault(groups[1], {})[name] = (tuple(shape), axes)
+            top.setdefault(groups[0], {})[name] = leaf(*_held(name, shape, c.out_major_weights))
     if c.scan_layers:
-        top["layers"] = layer
+        top["layers"] = {g: {k: leaf((c.n_layers, *s), ("layers", *a)) for k, (s, a) in mods.items()}
+                         for g, mods in layer.items()}
     else:
-        top["layers"] = tuple({g: {k: leaf(*v) for k, v in mods.items()} for g, mods in layer.items()}
+        top["layers"] = tuple({g: {k: leaf(s, a) for k, (s, a) in mods.items()} for g, mods in layer.items()}
                               for _ in range(c.n_layers))
     return top
 
