@@ -372,6 +372,13 @@ def aligned_empty(shape, dtype, alignment: int = _CPU_ALIGNMENT) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of `a` in an aligned_empty buffer: jax.device_put then takes it without a copy."""
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
 def _fill(dst: np.ndarray, reader: st.SafetensorsReader, name: str, layout, config: MistralConfig) -> None:
     """Copies checkpoint tensor `name` into `dst` (one layer of our leaf, in-major) through its layout view."""
     src = reader.get(name)  # a fresh mapping: its pages leave RSS when it is dropped

@@ -26,6 +26,7 @@ import numpy as np
 
 from .attention import (decode_attention, dot_attention_split, fused_self_attention, make_mask, self_attention,
                         splash_self_attention)
+from .checkpoint import aligned_copy, leaf_shapes
 from .config import MistralConfig
 from .rope import apply_rope
 
@@ -458,8 +459,6 @@ def init_params(config: MistralConfig, rng) -> Params:
 def _param_tree(config: MistralConfig, leaf: Callable[[tuple[int, ...], tuple[str, ...]], Any]) -> Params:
     """The param tree of `config` (stacked or per-layer, in- or out-major) with leaf(shape, axes) at each leaf,
     built from checkpoint.leaf_shapes and _AXES: the tree Transformer.init gives (tests/test_sharding.py)."""
-    from .checkpoint import leaf_shapes
-
     c = config
     top: Params = {}
     layer: Params = {}  # group -> name -> (shape, axes) of one layer
@@ -563,7 +562,7 @@ def unstack_params(params: Params, config: MistralConfig) -> tuple[Params, Mistr
             # Sliced on the host: indexing the jax.Array would compile and run one program per leaf shape.
             host = np.asarray(leaf)
             sh = moved_sharding(leaf.sharding, drop_lead=True)
-            slices = [jax.device_put(host[i].copy(), sh) for i in range(config.n_layers)]
+            slices = [jax.device_put(aligned_copy(host[i]), sh) for i in range(config.n_layers)]
             del host
         else:
             slices = [leaf[i] for i in range(config.n_layers)]
@@ -584,7 +583,7 @@ def out_major_weights(params: Params, config: MistralConfig) -> tuple[Params, Mi
     def move(w, name, stacked):
         perm = out_major_perm(name, w.ndim, 1 if stacked else 0)
         if _one_cpu_device(w):  # on the host: a transposed copy, no compiled program per shape
-            out = jax.device_put(np.ascontiguousarray(np.transpose(np.asarray(w), perm)),
+            out = jax.device_put(aligned_copy(np.transpose(np.asarray(w), perm)),
                                  moved_sharding(w.sharding, perm))
         else:
             out = jnp.transpose(w, perm)

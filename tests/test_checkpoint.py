@@ -336,6 +336,36 @@ def test_safetensors_weights_become_arrays_without_a_copy(hf_dir, monkeypatch, s
         assert not copied, copied
 
 
+def test_weights_moved_to_the_cpu_layout_on_the_host_are_not_copied_again(hf_dir, monkeypatch):
+    """Params that arrive stacked and in-major (an orbax checkpoint) take the CPU inference layouts on the host
+    (model.unstack_params, out_major_weights): each moved weight is put on the device from a buffer it then lies
+    in, not copied once more."""
+    from mistral_jax import model as model_lib
+
+    puts = []
+    put = jax.device_put
+
+    def spy(x, *args, **kwargs):
+        out = put(x, *args, **kwargs)
+        if isinstance(x, np.ndarray):
+            puts.append((x.ctypes.data, out.unsafe_buffer_pointer(), x.shape))
+        return out
+
+    cfg = ck.load_config(hf_dir)
+    for unrolled, out_major in [(True, False), (False, True), (True, True)]:
+        params, c = ck.load_params(hf_dir), cfg
+        puts.clear()
+        monkeypatch.setattr(jax, "device_put", spy)
+        if unrolled:
+            params, c = model_lib.unstack_params(params, c)
+        if out_major:
+            params, c = model_lib.out_major_weights(params, c)
+        monkeypatch.setattr(jax, "device_put", put)
+        assert puts
+        copied = [shape for h, a, shape in puts if h != a]
+        assert not copied, (unrolled, out_major, copied)
+
+
 def test_native_export_matches_oracle_layout(tmp_path, hf_dir, hf_model):
     model, cfg, w = hf_model
     native_w, _ = hf_to_native(w, cfg)
