@@ -235,6 +235,8 @@ def main():
     ap.add_argument("--decode-only", action="store_true", help="skip the whole batch job (part 1)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the whole batch job (part 1)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     import torch
 
     torch.set_num_threads(os.cpu_count())
