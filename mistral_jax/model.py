@@ -28,7 +28,7 @@ from .attention import (decode_attention, dot_attention_split, fused_self_attent
                         splash_self_attention)
 from .checkpoint import aligned_copy, leaf_shapes
 from .config import MistralConfig
-from .rope import apply_rope
+from .rope import apply_rope, rope_tables
 
 Params = dict[str, Any]
 
@@ -184,8 +184,8 @@ class Attention(nn.Module):
     lora: LoraSpec | None = None
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None, layer=None, cache_slots=None):
-        """x [B, T, D] -> ([B, T, D], cache). With `cache` ({'k','v'}: [L, B, K, S, H], all layers, updated in
+    def __call__(self, x, positions, rope, segment_ids, cache=None, layer=None, cache_slots=None):
+        """x [B, T, D] -> ([B, T, D], cache). `rope`: rope.rope_tables of `positions`. With `cache` ({'k','v'}: [L, B, K, S, H], all layers, updated in
         place at index `layer`; or this layer's [B, K, S, H] when `layer` is None) and `cache_slots` (see
         _cached_attention), the queries attend (cache, new tokens) and the new keys are written at slot
         `position % S`."""
@@ -199,8 +199,8 @@ class Attention(nn.Module):
         q = _project(self, "wq", x, wq, "btd,dnh->btnh", 1, ("embed",), ("heads", "head_dim"))
         kk = _project(self, "wk", x, wk, "btd,dkh->btkh", 1, ("embed",), ("kv_heads", "head_dim"))
         vv = _project(self, "wv", x, wv, "btd,dkh->btkh", 1, ("embed",), ("kv_heads", "head_dim"))
-        q = apply_rope(q, positions, c.rope_theta)
-        kk = apply_rope(kk, positions, c.rope_theta)
+        q = apply_rope(q, rope)
+        kk = apply_rope(kk, rope)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         kk = nn.with_logical_constraint(kk, ("batch", "length", "kv_heads", "head_dim"))
         vv = nn.with_logical_constraint(vv, ("batch", "length", "kv_heads", "head_dim"))
@@ -315,10 +315,10 @@ class Block(nn.Module):
     lora: LoraSpec | None = None
 
     @nn.compact
-    def __call__(self, carry, layer, positions, segment_ids, cache_slots):
+    def __call__(self, carry, layer, positions, rope, segment_ids, cache_slots):
         x, cache = carry
         attn, cache = Attention(self.config, self.lora, name="attention")(
-            RMSNorm(self.config, name="attention_norm")(x), positions, segment_ids, cache, layer, cache_slots)
+            RMSNorm(self.config, name="attention_norm")(x), positions, rope, segment_ids, cache, layer, cache_slots)
         h = x + attn
         out = h + FeedForward(self.config, self.lora, name="feed_forward")(RMSNorm(self.config, name="ffn_norm")(h))
         out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
@@ -336,8 +336,9 @@ def _unrolled_layer(config: MistralConfig):
     """One layer as a jitted function of its params: called once per layer inside a program, it is traced once
     (JAX keeps the trace per argument shapes) and XLA inlines the calls, so the compiled program is the same as
     with L traced copies, whose tracing and lowering made up a large part of the decode program's compile time."""
-    def layer(params, x, kv, positions, segment_ids, cache_slots):
-        (x, kv), _ = Block(config).apply({"params": params}, (x, kv), None, positions, segment_ids, cache_slots)
+    def layer(params, x, kv, positions, rope, segment_ids, cache_slots):
+        (x, kv), _ = Block(config).apply({"params": params}, (x, kv), None, positions, rope, segment_ids,
+                                         cache_slots)
         return x, kv
     return jax.jit(layer)
 
@@ -368,6 +369,7 @@ class Transformer(nn.Module):
         x = jnp.take(embedding, tokens, axis=0).astype(dt)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
+        rope = rope_tables(positions, c.head_dim, c.rope_theta)  # once for all layers
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
@@ -384,11 +386,11 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0, "lora": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, self.lora, name="layers")
-            (x, new_kv), _ = layers((x, kv), jnp.arange(c.n_layers), positions, segment_ids, cache_slots)
+            (x, new_kv), _ = layers((x, kv), jnp.arange(c.n_layers), positions, rope, segment_ids, cache_slots)
         else:
             # Applying per-layer params: one traced program for all layers (_unrolled_layer) when nothing but the
             # params is bound (no LoRA, no remat, not initializing); the model traced L copies of the layer before.
@@ -398,10 +400,10 @@ class Transformer(nn.Module):
                 layer_kv = None if kv is None else {"k": kv["k"][i], "v": kv["v"][i]}
                 if shared:
                     x, layer_kv = _unrolled_layer(c)(self.variables["params"][f"layers_{i}"], x, layer_kv, positions,
-                                                     segment_ids, cache_slots)
+                                                     rope, segment_ids, cache_slots)
                 else:
                     (x, layer_kv), _ = block(c, self.lora, name=f"layers_{i}")(
-                        (x, layer_kv), None, positions, segment_ids, cache_slots)
+                        (x, layer_kv), None, positions, rope, segment_ids, cache_slots)
                 new_layers.append(layer_kv)
             new_kv = None if kv is None else {"k": tuple(l["k"] for l in new_layers),
                                               "v": tuple(l["v"] for l in new_layers)}

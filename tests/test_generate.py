@@ -437,6 +437,25 @@ def test_prefill_program_on_the_cpu_layout_holds_no_copy_of_the_weights(tmp_path
         assert temp < layer_bytes / 2, (t, chunk, temp, layer_bytes)
 
 
+def test_prefill_program_computes_the_rotary_tables_once(tmp_path):
+    """The rotary tables (rope.rope_tables) are evaluated once per program, not inside every layer's rotation:
+    the compiled prefill of an L-layer model holds one sine and one cosine per traced forward (one chunk: one;
+    several: the first chunk and the scanned rest). Computed per layer (or fused into the rotations, which XLA
+    does when nothing stops it), they were held 2 L times per forward and evaluated for every head and element."""
+    import jax.numpy as jnp
+
+    from mistral_jax.kv_cache import init_cache
+
+    config, params = _cpu_layout(tmp_path)
+    assert config.n_layers > 1
+    b = 2
+    for t, chunk, forwards in [(16, 16, 1), (32, 8, 2)]:
+        pre, _ = generate._compiled(config, chunk)
+        text = pre.lower(params, tokens=jnp.zeros((b, t), jnp.int32), lengths=jnp.full((b,), t, jnp.int32),
+                         cache=init_cache(config, b, 8)).compile().as_text()
+        assert (text.count(" sine("), text.count(" cosine(")) == (forwards, forwards), (t, chunk)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_out_major_weights_give_the_same_logits(tied):
     """model.out_major_weights ([out, in] weights, the CPU inference layout) against the training layout, through
