@@ -104,10 +104,12 @@ def prefill(params, config: MistralConfig, tokens, lengths, cache, chunk: int):
     return logits, cache
 
 
-def decode(params, config: MistralConfig, state, max_steps, sampled: bool = True):
+def decode(params, config: MistralConfig, state, max_steps, sampled: bool = True, final: bool = False):
     """Runs the decode loop for at most `max_steps` tokens or until every row is done. `sampled=False` (static)
     compiles a greedy-only loop: the sampler (top-k, top-p, sort, random draws) roughly doubled the decode
-    program's compile time on the CPU, and an all-greedy batch never runs it.
+    program's compile time on the CPU, and an all-greedy batch never runs it. `final=True` (static): no call
+    follows this one, so the last token picked is not fed to the model (one forward fewer per batch); the
+    returned `logits` and cache then do not include it.
 
     state: cache, logits [B, V] (next-token logits), out [B, M], n [B] (tokens generated), pos [B] (position
     of the next token fed), done [B], reason [B] (1 stop, 2 length), and per-row settings seeds,
@@ -115,12 +117,8 @@ def decode(params, config: MistralConfig, state, max_steps, sampled: bool = True
     b = state["n"].shape[0]
     rows = jnp.arange(b)
 
-    def cond(carry):
-        i, st = carry
-        return (i < max_steps) & jnp.any(~st["done"])
-
-    def body(carry):
-        i, st = carry
+    def pick(st):
+        """The next token of every active row, written to `out`; stop and length bookkeeping."""
         active = ~st["done"]
         tok = sample(st["logits"], st["seeds"], st["n"], st["temperature"], st["top_k"], st["top_p"]) \
             if sampled else greedy(st["logits"])
@@ -130,17 +128,25 @@ def decode(params, config: MistralConfig, state, max_steps, sampled: bool = True
         is_len = active & ~is_stop & (n >= st["max_new"])
         reason = jnp.where(is_stop, 1, jnp.where(is_len, 2, st["reason"]))
         done = st["done"] | is_stop | is_len
+        return dict(st, out=out, n=n, done=done, reason=reason), tok
 
+    def cond(carry):
+        i, st = carry
+        return (i < max_steps - final) & jnp.any(~st["done"])
+
+    def body(carry):
+        i, st = carry
+        st, tok = pick(st)
+        done = st["done"]
         # Always one forward per step, also after the last row finished: a lax.cond here would make XLA
         # copy its operands (the whole params) into the branch at every step.
         seg = (~done).astype(jnp.int32)[:, None]
         logits, cache = model_lib.apply(params, config, tok[:, None], st["pos"][:, None], seg, st["cache"])
-        logits = logits[:, 0]
-        new = dict(st, cache=cache, logits=logits, out=out, n=n, done=done, reason=reason,
-                   pos=st["pos"] + (~done))
-        return i + 1, new
+        return i + 1, dict(st, cache=cache, logits=logits[:, 0], pos=st["pos"] + (~done))
 
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    if final:  # the last token: picked, not fed (a no-op when every row is already done)
+        state, _ = pick(state)
     return state
 
 
@@ -173,7 +179,8 @@ def _compiled(config: MistralConfig, chunk: int):
 @functools.lru_cache(maxsize=None)
 def _compiled_decode(config: MistralConfig):
     options = _cpu_options(None if config.out_major_weights else _CPU_IN_MAJOR_DECODE_OPTIONS)
-    return jax.jit(functools.partial(decode, config=config), donate_argnames=("state",), static_argnames=("sampled",),
+    return jax.jit(functools.partial(decode, config=config), donate_argnames=("state",),
+                   static_argnames=("sampled", "final"),
                    compiler_options=options)
 
 
@@ -532,6 +539,8 @@ class Generator:
         sampled = any(s.temperature > 0 for s in sampling)
         need_host = on_update is not None or any(s.stop_strings for s in sampling)
         step = np.int32(steps_per_call or (16 if need_host else m))
+        # step >= m: one call generates every row's tokens (max_new <= m), so its last token is not fed (decode's
+        # `final`); with several calls, each call's last forward gives the next call its logits.
         # Every call of this batch has these shapes (a call returns the state it was given, updated). Host arrays
         # are abstract without a sharding: transferred uncommitted, as they are below.
         logits_info, cache_info = jax.tree.map(
@@ -540,7 +549,7 @@ class Generator:
         abstract = dict(cache=cache_info, logits=logits_info,
                         **{k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()})
         program = _program(_compiled_decode(c), "decode", c, (self.params,), dict(state=abstract, max_steps=step),
-                           {"sampled": sampled})
+                           {"sampled": sampled, "final": bool(step >= m)})
         prefilled = batch.prefilled
         logits, cache = prefilled.result() if isinstance(prefilled, Future) else prefilled
         # Host arrays are transferred, not built by small compiled programs.

@@ -379,8 +379,8 @@ def _cpu_layout(tmp_path):
     return loaded.config, loaded.params
 
 
-@pytest.mark.parametrize("b,sampled", [(3, True), (3, False), (1, False)])
-def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path, b, sampled):
+@pytest.mark.parametrize("b,sampled,final", [(3, True, True), (3, False, True), (1, False, True), (1, False, False)])
+def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path, b, sampled, final):
     """The compiled decode loop, as the tools run it on the CPU (unrolled layers), holds no copy or transpose of
     a KV-cache buffer or of a weight: each step writes the cache in place and reads every weight as stored.
     Such copies once slowed decode on the 125M benchmark (docs/benchmarks.md); at batch 1 XLA copied every
@@ -399,7 +399,7 @@ def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path
                  seeds=z(0, jnp.uint32), temperature=z(0.0, jnp.float32), top_k=z(0), top_p=z(1.0, jnp.float32),
                  max_new=z(m), stop_ids=jnp.full((b, 1), -1, jnp.int32))
     _, dec = generate._compiled(config, 16)
-    hlo = dec.lower(params, state=state, max_steps=jnp.int32(m), sampled=sampled).compile().as_text()
+    hlo = dec.lower(params, state=state, max_steps=jnp.int32(m), sampled=sampled, final=final).compile().as_text()
 
     def shape(x):
         return f"f32[{','.join(map(str, x.shape))}]"
@@ -415,6 +415,42 @@ def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path
                   r"copy|transpose", mt.group(1))))]
     assert not copies, "\n".join(copies)
     assert "dot(" in hlo or "fusion" in hlo  # the program was inspected, not an empty text
+
+
+def test_a_final_decode_call_does_not_feed_its_last_token(tmp_path):
+    """decode(final=True), the single call of a batch that the tools make when nothing is checked on the host
+    between calls, picks the same tokens as the general loop (final=False) but runs the model one step fewer:
+    the logits it returns are those its last token was picked from, which the general loop returns when
+    stopped one step short; with the extra forward they would be the general loop's own. Rows of different
+    prompt lengths and token limits."""
+    import jax.numpy as jnp
+
+    from mistral_jax.kv_cache import init_cache
+
+    config, params = _cpu_layout(tmp_path)
+    b, t, m = 3, 8, 6
+    lengths = np.array([8, 5, 3], np.int32)
+    tokens = np.zeros((b, t), np.int32)
+    for i, p in enumerate(_prompts(config.vocab_size, lengths)):
+        tokens[i, :len(p)] = p
+    pre, dec = generate._compiled(config, t)
+
+    def run(steps, final):
+        logits, cache = pre(params, tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
+                            cache=init_cache(config, b, 16))
+        z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
+        state = dict(cache=cache, logits=logits, out=jnp.zeros((b, m), jnp.int32), n=z(0), pos=jnp.asarray(lengths),
+                     done=z(False, bool), reason=z(0), seeds=z(0, jnp.uint32), temperature=z(0.0, jnp.float32),
+                     top_k=z(0), top_p=z(1.0, jnp.float32), max_new=jnp.asarray([m, m, 4], jnp.int32),
+                     stop_ids=jnp.full((b, 1), -1, jnp.int32))
+        return jax.device_get(dec(params, state=state, max_steps=jnp.int32(steps), sampled=False, final=final))
+
+    general, short, final = run(m, False), run(m - 1, False), run(m, True)
+    for key in ("out", "n", "done", "reason"):
+        np.testing.assert_array_equal(final[key], general[key], err_msg=key)
+    assert general["n"].tolist() == [m, m, 4] and general["done"].all()
+    np.testing.assert_array_equal(final["logits"], short["logits"])
+    assert not np.array_equal(general["logits"], short["logits"])
 
 
 def test_prefill_program_on_the_cpu_layout_holds_no_copy_of_the_weights(tmp_path):
