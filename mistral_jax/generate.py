@@ -370,11 +370,12 @@ class Generator:
     """Generates from token-id prompts in batches; see api.Mistral for strings and chat messages.
 
     `overlap_prefill`: run the next batch's prefill in a worker thread while this batch decodes. None (default)
-    does so when the params are on one CPU device in one process (overlaps_prefill): there the two programs
-    share the cores, and the next batch's prefill program compiles beside a running decode, so a job that
-    compiles takes less time; once its programs are compiled, the overlap no longer made the benchmark's job
-    faster (docs/benchmarks.md). Two batches' KV caches are then held at once. Elsewhere a device runs one
-    program at a time, and several processes must issue their programs in one order."""
+    does so when the params are on one CPU device in one process (overlaps_prefill): there the next batch's
+    prefill program compiles beside a running decode, so a job that compiles takes less time. The two programs
+    themselves do not run side by side (XLA:CPU runs one device's programs one at a time; a profile showed the
+    worker's prefill starting when the decode ended), so once its programs are compiled the overlap saves only
+    their look-up (docs/benchmarks.md). Two batches' KV caches are then held at once. Elsewhere, several
+    processes must issue their programs in one order."""
 
     def __init__(self, params, config: MistralConfig, tokenizer=None, batch_size: int = 8,
                  prefill_chunk: int = 512, place: Callable | None = None, cache_slots: int | None = None,
