@@ -185,10 +185,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, rope, segment_ids, cache=None, layer=None, cache_slots=None):
-        """x [B, T, D] -> ([B, T, D], cache). `rope`: rope.rope_tables of `positions`. With `cache` ({'k','v'}: [L, B, K, S, H], all layers, updated in
-        place at index `layer`; or this layer's [B, K, S, H] when `layer` is None) and `cache_slots` (see
-        _cached_attention), the queries attend (cache, new tokens) and the new keys are written at slot
-        `position % S`."""
+        """x [B, T, D] -> ([B, T, D], cache). `rope`: rope.rope_tables of `positions`. With `cache` ({'k','v'}:
+        [L, B, K, S, H], all layers, updated in place at index `layer`; or this layer's [B, K, S, H] when `layer`
+        is None) and `cache_slots` (see _cached_attention), the queries attend (cache, new tokens) and the new
+        keys are written at slot `position % S`."""
         c = self.config
         d, n, k, h = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
         wq = _weight(self, "wq", (d, n, h))
