@@ -379,6 +379,32 @@ def _cpu_layout(tmp_path):
     return loaded.config, loaded.params
 
 
+def _greedy_state(config, cache, logits, pos, max_new, m):
+    """A decode state (generate.decode) of greedy rows, nothing generated yet: pos and max_new per row, an
+    output buffer of m tokens, no stop id."""
+    import jax.numpy as jnp
+
+    b = len(pos)
+    z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
+    return dict(cache=cache, logits=logits, out=jnp.zeros((b, m), jnp.int32), n=z(0),
+                pos=jnp.asarray(pos, jnp.int32), done=z(False, bool), reason=z(0), seeds=z(0, jnp.uint32),
+                temperature=z(0.0, jnp.float32), top_k=z(0), top_p=z(1.0, jnp.float32),
+                max_new=jnp.asarray(max_new, jnp.int32), stop_ids=jnp.full((b, 1), -1, jnp.int32))
+
+
+def _compiled_prefills(config, params):
+    """(t, chunk, compiled prefill) for a batch of 2 prompts of t tokens: in one chunk, and in several."""
+    import jax.numpy as jnp
+
+    from mistral_jax.kv_cache import init_cache
+
+    b = 2
+    for t, chunk in [(16, 16), (32, 8)]:
+        pre, _ = generate._compiled(config, chunk)
+        yield t, chunk, pre.lower(params, tokens=jnp.zeros((b, t), jnp.int32), lengths=jnp.full((b,), t, jnp.int32),
+                                  cache=init_cache(config, b, 8)).compile()
+
+
 @pytest.mark.parametrize("b,sampled,final", [(3, True, True), (3, False, True), (1, False, True), (1, False, False)])
 def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path, b, sampled, final):
     """The compiled decode loop, as the tools run it on the CPU (unrolled layers), holds no copy or transpose of
@@ -393,11 +419,8 @@ def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path
 
     config, params = _cpu_layout(tmp_path)
     slots, m = 8, 16
-    z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
-    state = dict(cache=init_cache(config, b, slots), logits=jnp.zeros((b, config.vocab_size), jnp.float32),
-                 out=jnp.zeros((b, m), jnp.int32), n=z(0), pos=z(5), done=z(False, bool), reason=z(0),
-                 seeds=z(0, jnp.uint32), temperature=z(0.0, jnp.float32), top_k=z(0), top_p=z(1.0, jnp.float32),
-                 max_new=z(m), stop_ids=jnp.full((b, 1), -1, jnp.int32))
+    state = _greedy_state(config, init_cache(config, b, slots), jnp.zeros((b, config.vocab_size), jnp.float32),
+                          [5] * b, [m] * b, m)
     _, dec = generate._compiled(config, 16)
     hlo = dec.lower(params, state=state, max_steps=jnp.int32(m), sampled=sampled, final=final).compile().as_text()
 
@@ -438,11 +461,7 @@ def test_a_final_decode_call_does_not_feed_its_last_token(tmp_path):
     def run(steps, final):
         logits, cache = pre(params, tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
                             cache=init_cache(config, b, 16))
-        z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
-        state = dict(cache=cache, logits=logits, out=jnp.zeros((b, m), jnp.int32), n=z(0), pos=jnp.asarray(lengths),
-                     done=z(False, bool), reason=z(0), seeds=z(0, jnp.uint32), temperature=z(0.0, jnp.float32),
-                     top_k=z(0), top_p=z(1.0, jnp.float32), max_new=jnp.asarray([m, m, 4], jnp.int32),
-                     stop_ids=jnp.full((b, 1), -1, jnp.int32))
+        state = _greedy_state(config, cache, logits, lengths, [m, m, 4], m)
         return jax.device_get(dec(params, state=state, max_steps=jnp.int32(steps), sampled=False, final=final))
 
     general, short, final = run(m, False), run(m - 1, False), run(m, True)
@@ -458,17 +477,9 @@ def test_prefill_program_on_the_cpu_layout_holds_no_copy_of_the_weights(tmp_path
     compiled program's temporary memory stays well under the weights' size, for one chunk and for several.
     Stacking the layers inside the program (one scanned layer) copied every weight at every call, twice the
     weights' memory during a prefill."""
-    import jax.numpy as jnp
-
-    from mistral_jax.kv_cache import init_cache
-
     config, params = _cpu_layout(tmp_path)
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
-    b = 2
-    for t, chunk in [(16, 16), (32, 8)]:
-        pre, _ = generate._compiled(config, chunk)
-        compiled = pre.lower(params, tokens=jnp.zeros((b, t), jnp.int32), lengths=jnp.full((b,), t, jnp.int32),
-                             cache=init_cache(config, b, 8)).compile()
+    for t, chunk, compiled in _compiled_prefills(config, params):
         temp = compiled.memory_analysis().temp_size_in_bytes
         assert temp < layer_bytes / 2, (t, chunk, temp, layer_bytes)
 
@@ -478,17 +489,11 @@ def test_prefill_program_computes_the_rotary_tables_once(tmp_path):
     the compiled prefill of an L-layer model holds one sine and one cosine per traced forward (one chunk: one;
     several: the first chunk and the scanned rest). Computed per layer (or fused into the rotations, which XLA
     does when nothing stops it), they were held 2 L times per forward and evaluated for every head and element."""
-    import jax.numpy as jnp
-
-    from mistral_jax.kv_cache import init_cache
-
     config, params = _cpu_layout(tmp_path)
     assert config.n_layers > 1
-    b = 2
-    for t, chunk, forwards in [(16, 16, 1), (32, 8, 2)]:
-        pre, _ = generate._compiled(config, chunk)
-        text = pre.lower(params, tokens=jnp.zeros((b, t), jnp.int32), lengths=jnp.full((b,), t, jnp.int32),
-                         cache=init_cache(config, b, 8)).compile().as_text()
+    for t, chunk, compiled in _compiled_prefills(config, params):
+        forwards = 1 if chunk == t else 2
+        text = compiled.as_text()
         assert (text.count(" sine("), text.count(" cosine(")) == (forwards, forwards), (t, chunk)
 
 
