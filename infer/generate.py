@@ -23,17 +23,21 @@ import zlib
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
+# Light imports only (no jax): main() starts reading the weights before it imports the rest.
+from mistral_jax import checkpoint, jsonl
 
-from mistral_jax import api, distributed, jsonl, launch, memory_plan
-from mistral_jax.generate import SamplingParams, overlaps_prefill
+if TYPE_CHECKING:
+    from mistral_jax import api
 
 
 WINDOW_BATCHES = 8  # batches read ahead and sorted by prompt length
 
 
 def parse_args(argv=None):
+    from mistral_jax import launch
+
     p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="our checkpoint, or a transformers / Mistral directory")
     p.add_argument("--input", required=True)
@@ -105,13 +109,30 @@ def prompt_of(row: jsonl.Row, model: api.Mistral, path: str):
     return (None, err) if err else (list(ids), None)
 
 
+def prefetch(argv=None) -> checkpoint.Prefetch | None:
+    """Starts reading the weights of --checkpoint (checkpoint.prefetch) from the raw command line, before
+    anything imports jax: the read (bound by memory copies) then runs beside the imports (bound by the
+    interpreter), which took about as long each on the CPU (docs/benchmarks.md). None when there is no
+    safetensors checkpoint to read; errors are left to the full parse and to the loader."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--checkpoint")
+    known, _ = early.parse_known_args(argv)
+    return checkpoint.prefetch(known.checkpoint) if known.checkpoint else None
+
+
 def main(argv=None) -> int:
+    prefetched = prefetch(argv)
     args = parse_args(argv)
+    from tqdm import tqdm
+
+    from mistral_jax import api, distributed, launch, memory_plan
+    from mistral_jax.generate import SamplingParams, overlaps_prefill
+
     base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
                           stop_token_ids=() if args.ignore_eos else None)
     # Mesh, model-divides check and memory plan (KV cache for prompt + completion up to max_seq_len), before
-    # any weight is read.
+    # the weights are loaded (of which the prefetch holds at most its budget, 2 GiB).
     mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(
         c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="generate",
         overlap=overlaps_prefill(mesh.devices.flat)))
@@ -119,7 +140,8 @@ def main(argv=None) -> int:
     api.enable_compilation_cache()
     timer = api.CompileTimer()
     t_start = time.perf_counter()
-    model = api.Mistral(api.load_model(args.checkpoint, args.dtype, args.tokenizer, shardings=mm.param_shardings),
+    model = api.Mistral(api.load_model(args.checkpoint, args.dtype, args.tokenizer, shardings=mm.param_shardings,
+                                       prefetched=prefetched),
                         batch_size=args.batch_size, place=mm.place, fetch=mm.fetch, make_cache=mm.make_cache)
     if args.stop and model.tokenizer is None:
         print("error: --stop needs a tokenizer", file=sys.stderr)
@@ -201,4 +223,6 @@ def rate(tokens: int, seconds: float) -> str:
 
 
 if __name__ == "__main__":
-    launch.exit_process(main())
+    code = main()
+    from mistral_jax import launch
+    launch.exit_process(code)

@@ -34,7 +34,8 @@ def find_tokenizer(checkpoint_dir: str, tokenizer: str | None = None) -> Tokeniz
 
 
 def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, shardings=None,
-               layers: str = "auto", out_major: bool | None = None, **config_overrides) -> LoadedModel:
+               layers: str = "auto", out_major: bool | None = None, prefetched: checkpoint.Prefetch | None = None,
+               **config_overrides) -> LoadedModel:
     """Loads our orbax checkpoint, a transformers directory or a Mistral native directory, for inference.
 
     `layers`: "scan" keeps the stacked layers; "unrolled" splits them per layer (model.unstack_params),
@@ -45,7 +46,8 @@ def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, 
     or shardings that each hold one CPU device). Safetensors are read straight into these layouts.
 
     `dtype` sets both the stored and the compute dtype; `shardings` (a tree of shardings shaped like the
-    stacked, in-major params, see sharding.py) places each tensor directly on its devices."""
+    stacked, in-major params, see sharding.py) places each tensor directly on its devices. `prefetched`: a
+    checkpoint.prefetch of `path` started earlier (its reading overlaps whatever ran meanwhile)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     config = checkpoint.load_config(path, param_dtype=dtype, dtype=dtype, **config_overrides)
@@ -59,7 +61,7 @@ def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, 
         out_major = (jax.default_backend() == "cpu") if shardings is None else all(
             model.on_one_cpu_device(s) for s in jax.tree.leaves(shardings))
     params = checkpoint.load_params(path, config, dtype=dtype, shardings=shardings, unrolled=layers == "unrolled",
-                                    out_major=out_major)
+                                    out_major=out_major, prefetched=prefetched)
     config = config.replace(scan_layers=layers == "scan", out_major_weights=bool(out_major))
     return LoadedModel(config, params, find_tokenizer(path, tokenizer))
 

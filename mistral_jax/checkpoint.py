@@ -13,6 +13,10 @@ the leaf is viewed in the checkpoint's layout, and the same view serves import (
 Streaming: safetensors tensors are memory-mapped one at a time and copied (with the dtype cast) straight into
 the preallocated host buffer of one leaf, which goes to the device before the next leaf is read. Peak host
 memory is about one copy of the weights on CPU (where the "device" is host memory) and one leaf otherwise.
+`prefetch` reads them ahead in a background thread instead (a bounded number of bytes ahead of the loader).
+
+This module imports jax only where it is used (loading to devices, orbax), so that a tool can start reading
+the weights (prefetch) while jax itself is still being imported.
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Callable, Iterator
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import jax
 import ml_dtypes
 import numpy as np
 
 from mistral_jax import safetensors_io as st
 from mistral_jax.config import DTYPES, MistralConfig
+
+if TYPE_CHECKING:
+    import jax
 
 Params = dict
 
@@ -117,6 +124,21 @@ def stored_shape(leaf: str, config: MistralConfig) -> tuple[int, ...]:
         "norm/scale":                  (D,),
         "output/kernel":               (V, D),
     }[leaf]
+
+
+# Projection weights: name -> number of leading input axes in our [in..., out...] layout.
+WEIGHT_INPUTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w3": 1, "w2": 1, "kernel": 1}
+
+
+def out_major_perm(name: str, ndim: int, lead: int = 0) -> tuple[int, ...] | None:
+    """Axis order that takes projection weight `name` ([lead..., in..., out...], `ndim` axes in all) to its
+    out-major layout [lead..., out..., in...] (model.out_major_weights); None for a leaf that is not a projection
+    weight (embedding, norm scales), which keeps its layout."""
+    if name not in WEIGHT_INPUTS:
+        return None
+    n_in = WEIGHT_INPUTS[name]
+    rest = list(range(lead, ndim))
+    return (*range(lead), *rest[n_in:], *rest[:n_in])
 
 
 # ---- layouts: one layer of our leaf, viewed in the checkpoint's layout ----------------------------------------
@@ -319,20 +341,17 @@ def _validate_source(reader: st.SafetensorsReader, fmt: str, config: MistralConf
                                   f"({', '.join(st.FLOAT_CODES)})")
 
 
-def _host_leaves(reader: st.SafetensorsReader, fmt: str, config: MistralConfig, dtype: np.dtype,
+def _host_leaves(reader, fmt: str, config: MistralConfig, dtype: np.dtype,
                  unrolled: bool = False, out_major: bool = False
                  ) -> Iterator[tuple[str, int | None, np.ndarray, tuple[int, ...] | None]]:
-    """Yields (leaf, layer, host array, perm) one array at a time, each filled tensor by tensor from the mapped
-    files: a whole leaf (layer None: the layers stacked [L, ...]) or, when `unrolled`, one layer of a per-layer
+    """Yields (leaf, layer, host array, perm) one array at a time, each filled tensor by tensor from `reader`
+    (`reader.get(name)`: a SafetensorsReader's mapped files, or a Prefetch): a whole leaf (layer None: the layers stacked [L, ...]) or, when `unrolled`, one layer of a per-layer
     leaf. `out_major`: projection weights come out [out..., in...] (model.out_major_weights), the checkpoint's
     own [out, in] order, so they are copied straight, never transposed; `perm` is the axis order that took our
     in-major layout to the array's (None: unmoved)."""
-    if out_major:
-        from . import model  # flax, imported only for this layout
-
     def buffer(leaf, shape, lead):
         """(array in the layout we return, a view of it in our in-major layout, which _LAYOUTS maps from, perm)."""
-        perm = model.out_major_perm(leaf.rsplit("/", 1)[-1], len(shape), lead) if out_major else None
+        perm = out_major_perm(leaf.rsplit("/", 1)[-1], len(shape), lead) if out_major else None
         if perm is None:
             host = aligned_empty(shape, dtype)
             return host, host, None
@@ -346,13 +365,16 @@ def _host_leaves(reader: st.SafetensorsReader, fmt: str, config: MistralConfig, 
         if stacked and unrolled:
             for i, name in enumerate(names):
                 host, view, perm = buffer(leaf, shape[1:], 0)
-                _fill(view, reader, name, layout, config)
+                host = _fill(view, reader, name, layout, config, host)
                 yield leaf, i, host, perm
                 del host, view
             continue
         host, view, perm = buffer(leaf, shape, 1 if stacked else 0)
-        for i, name in enumerate(names):
-            _fill(view[i] if stacked else view, reader, name, layout, config)
+        if stacked:
+            for i, name in enumerate(names):
+                _fill(view[i], reader, name, layout, config)
+        else:
+            host = _fill(view, reader, names[0], layout, config, host)
         yield leaf, None, host, perm
         del host, view
 
@@ -379,14 +401,28 @@ def aligned_copy(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fill(dst: np.ndarray, reader: st.SafetensorsReader, name: str, layout, config: MistralConfig) -> None:
-    """Copies checkpoint tensor `name` into `dst` (one layer of our leaf, in-major) through its layout view."""
-    src = reader.get(name)  # a fresh mapping: its pages leave RSS when it is dropped
+def _fill(dst: np.ndarray, reader, name: str, layout, config: MistralConfig, host: np.ndarray | None = None):
+    """Copies checkpoint tensor `name` into `dst` (one layer of our leaf, in-major) through its layout view.
+    Returns the array that holds the values: `host` (the buffer `dst` views), or, when given and the tensor
+    came read ahead (Prefetch) in the very order and dtype of `host`, that tensor itself, uncopied."""
+    src = reader.get(name)  # a fresh mapping (its pages leave RSS when it is dropped), or a prefetched array
     view, ckpt_shape = layout(dst, config)
     # numpy reshapes to a copy where no view exists: assigning into that copy would be lost
     if not np.may_share_memory(view, dst):
         raise AssertionError(f"layout of {name!r} is not a view of the destination")
+    if host is not None and _adoptable(src, view, host):
+        return src.reshape(host.shape)
     _assign(view, src.reshape(ckpt_shape))  # cast + rearrange in one pass
+    return host
+
+
+def _adoptable(src: np.ndarray, view: np.ndarray, host: np.ndarray) -> bool:
+    """Whether `src` can stand for `host`: an array in memory (not a file mapping), writable and aligned for
+    jax.device_put to take as it is, of host's dtype, and the layout `view` walks host's memory in plain C
+    order, so that src's bytes are host's bytes."""
+    return (type(src) is np.ndarray and src.flags.writeable and src.flags.c_contiguous
+            and src.ctypes.data % _CPU_ALIGNMENT == 0 and src.dtype == host.dtype and src.size == host.size
+            and view.flags.c_contiguous and view.size == host.size and view.ctypes.data == host.ctypes.data)
 
 
 def _assign(dst: np.ndarray, src: np.ndarray, tile: int = 256) -> None:
@@ -401,7 +437,108 @@ def _assign(dst: np.ndarray, src: np.ndarray, tile: int = 256) -> None:
             dst[i:i + tile, j:j + tile] = src[i:i + tile, j:j + tile]
 
 
+def _read_tensor(t: st.TensorInfo) -> np.ndarray:
+    """Tensor `t` read from its file into a fresh aligned buffer (a kernel copy from the page cache: no mapping,
+    no page faults on the file's side)."""
+    raw = aligned_empty((t.nbytes,), np.uint8)
+    mem = memoryview(raw)
+    with open(t.path, "rb", buffering=0) as f:
+        f.seek(t.start)
+        done = 0
+        while done < t.nbytes:
+            n = f.readinto(mem[done:])
+            if not n:
+                raise st.SafetensorsError(f"{t.path}: truncated while reading tensor {t.name!r}")
+            done += n
+    return raw.view(t.dtype).reshape(t.shape)
+
+
+class Prefetch:
+    """Reads the tensors of a safetensors checkpoint into memory in a background thread, in the order load_params
+    takes them, at most `budget` bytes ahead of it; load_params(prefetched=...) then takes each tensor from here.
+    Where the tensor is already in the dtype and order of its leaf (a transformers checkpoint loaded out-major
+    per layer, as api.load_model does on the CPU), that buffer becomes the weight itself, so the read is the
+    only copy. Started before jax is imported (infer.generate), the reading overlaps that import.
+
+    A tensor asked for before the thread reached it is mapped from its file as without a prefetch (and skipped
+    by the thread); a read error is raised by `get` of that tensor. Holds at most `budget` bytes not yet taken."""
+
+    def __init__(self, path: str, budget: int = 2 << 30):
+        self.path = os.fspath(path)
+        self.fmt = detect_format(self.path)
+        if self.fmt == "orbax":
+            raise ValueError(f"{self.path}: Prefetch reads safetensors checkpoints")
+        self.config = load_config(self.path)
+        self.reader = _open_safetensors(self.path, self.fmt)
+        names = [n for leaf in leaf_shapes(self.config) for n in _layer_names(self.fmt, leaf, self.config)]
+        self._queue = [n for n in names if n in self.reader]
+        self._budget = budget
+        self._ready: dict[str, np.ndarray | BaseException] = {}
+        self._held = 0  # bytes read and not yet taken
+        self._reading: str | None = None
+        self._skip: set[str] = set()
+        self._closed = False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, daemon=True, name="mistral-jax-prefetch").start()
+
+    def _run(self) -> None:
+        for name in self._queue:
+            t = self.reader.info(name)
+            with self._cond:
+                while not self._closed and self._held and self._held + t.nbytes > self._budget:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                if name in self._skip:
+                    continue
+                self._reading = name
+            try:
+                arr: np.ndarray | BaseException = _read_tensor(t)
+            except BaseException as e:  # handed to whoever asks for this tensor
+                arr = e
+            with self._cond:
+                self._reading = None
+                self._ready[name] = arr
+                self._held += t.nbytes if isinstance(arr, np.ndarray) else 0
+                self._cond.notify_all()
+
+    def get(self, name: str) -> np.ndarray:
+        with self._cond:
+            while self._reading == name:
+                self._cond.wait()
+            if name in self._ready:
+                arr = self._ready.pop(name)
+                if isinstance(arr, BaseException):
+                    raise arr
+                self._held -= arr.nbytes
+                self._cond.notify_all()
+                return arr
+            self._skip.add(name)
+        return self.reader.get(name)
+
+    def close(self) -> None:
+        """Stops the reading and drops what was read and not taken."""
+        with self._cond:
+            self._closed = True
+            self._ready.clear()
+            self._held = 0
+            self._cond.notify_all()
+
+
+def prefetch(path: str, budget: int = 2 << 30) -> Prefetch | None:
+    """A started Prefetch of checkpoint directory `path`, or None where there is nothing to read ahead: an orbax
+    checkpoint, or a directory that is not a valid checkpoint (load_params then reports the problem)."""
+    try:
+        if detect_format(path) == "orbax":
+            return None
+        return Prefetch(path, budget)
+    except (OSError, ValueError):
+        return None
+
+
 def _put(host: np.ndarray, sharding) -> jax.Array:
+    import jax
+
     if sharding is None:
         out = jax.device_put(host)
     else:
@@ -411,7 +548,8 @@ def _put(host: np.ndarray, sharding) -> jax.Array:
 
 
 def load_params(path: str, config: MistralConfig | None = None, dtype: str = "float32",
-                shardings: Any = None, unrolled: bool = False, out_major: bool = False) -> Params:
+                shardings: Any = None, unrolled: bool = False, out_major: bool = False,
+                prefetched: Prefetch | None = None) -> Params:
     """Loads any supported checkpoint directory into our param tree of jax.Arrays of `dtype`.
 
     `shardings`: optional pytree of jax.sharding.Sharding matching the param tree (stacked layers, in-major).
@@ -423,6 +561,7 @@ def load_params(path: str, config: MistralConfig | None = None, dtype: str = "fl
     (model.unstack_params), `out_major` the projection weights [out..., in...] (model.out_major_weights); the
     config to use with them says scan_layers=False / out_major_weights=True. From safetensors they are read
     straight into that layout (the checkpoint's [out, in] tensors are copied, not transposed twice).
+    `prefetched`: a Prefetch of this directory started earlier, whose tensors are taken from it.
     """
     path = os.fspath(path)
     fmt = detect_format(path)
@@ -437,11 +576,23 @@ def load_params(path: str, config: MistralConfig | None = None, dtype: str = "fl
             if out_major:
                 params, config = model.out_major_weights(params, config)
         return params
-    reader = _open_safetensors(path, fmt)
+    if prefetched is not None and os.path.abspath(prefetched.path) != os.path.abspath(path):
+        raise ValueError(f"load_params: prefetched is of {prefetched.path}, not {path}")
+    reader = prefetched.reader if prefetched is not None else _open_safetensors(path, fmt)
     _validate_source(reader, fmt, config)
+    try:
+        return _load_safetensors(prefetched or reader, fmt, config, np_dtype, shardings, unrolled, out_major)
+    finally:
+        if prefetched is not None:
+            prefetched.close()
+
+
+def _load_safetensors(source, fmt: str, config: MistralConfig, np_dtype: np.dtype, shardings, unrolled: bool,
+                      out_major: bool) -> Params:
+    """The safetensors part of load_params; `source.get(name)` gives each tensor (a reader or a Prefetch)."""
     params: Params = {}
     layers: list[Params] = [{} for _ in range(config.n_layers)] if unrolled else []
-    for leaf, layer, host, perm in _host_leaves(reader, fmt, config, np_dtype, unrolled, out_major):
+    for leaf, layer, host, perm in _host_leaves(source, fmt, config, np_dtype, unrolled, out_major):
         sh = None if shardings is None else _tree_get(shardings, leaf)
         if sh is not None and (unrolled or out_major):  # the given sharding is for the stacked, in-major leaf
             from . import model
@@ -609,6 +760,8 @@ def _checkpointer():
     (+1x) and hold every zstd-compressed chunk until the commit (+0.8x). The save is synchronous, so the copy
     guards nothing here; compression gains little on trained bf16/f32 weights, so it is off.
     """
+    import jax
+
     ocp = _ocp()
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
@@ -618,6 +771,8 @@ def _checkpointer():
 
 
 def _restore_orbax(path: str, config: MistralConfig, dtype: np.dtype, shardings) -> Params:
+    import jax
+
     ocp = _ocp()
     pdir = os.path.join(os.path.abspath(path), ORBAX_PARAMS)
     want = leaf_shapes(config)

@@ -26,7 +26,8 @@ import numpy as np
 
 from .attention import (decode_attention, dot_attention_split, fused_self_attention, make_mask, self_attention,
                         splash_self_attention)
-from .checkpoint import aligned_copy, leaf_shapes
+from .checkpoint import WEIGHT_INPUTS as _WEIGHT_INPUTS
+from .checkpoint import aligned_copy, leaf_shapes, out_major_perm
 from .config import MistralConfig
 from .rope import apply_rope, rope_tables
 
@@ -146,8 +147,6 @@ def _param(module: nn.Module, name: str, shape, init=_init, axes=None):
                         jnp.dtype(cfg.param_dtype))
 
 
-# Projection weights: name -> number of leading input axes in the [in..., out...] layout.
-_WEIGHT_INPUTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w3": 1, "w2": 1, "kernel": 1}
 
 
 def _held(name: str, shape, out_major: bool) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -523,17 +522,6 @@ def on_one_cpu_device(sharding) -> bool:
 
 def _one_cpu_device(x) -> bool:
     return isinstance(x, jax.Array) and on_one_cpu_device(x.sharding)
-
-
-def out_major_perm(name: str, ndim: int, lead: int = 0) -> tuple[int, ...] | None:
-    """Axis order that takes projection weight `name` ([lead..., in..., out...], `ndim` axes in all) to its
-    out-major layout [lead..., out..., in...] (out_major_weights); None for a leaf that is not a projection
-    weight (embedding, norm scales), which keeps its layout."""
-    if name not in _WEIGHT_INPUTS:
-        return None
-    n_in = _WEIGHT_INPUTS[name]
-    rest = list(range(lead, ndim))
-    return (*range(lead), *rest[n_in:], *rest[:n_in])
 
 
 def moved_sharding(sh, perm=None, drop_lead: bool = False):

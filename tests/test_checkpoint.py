@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import ml_dtypes
@@ -334,6 +335,83 @@ def test_safetensors_weights_become_arrays_without_a_copy(hf_dir, monkeypatch, s
         assert puts and all(h % 64 == 0 for h, _, _ in puts)
         copied = [shape for h, a, shape in puts if h != a]
         assert not copied, copied
+
+
+@pytest.mark.parametrize("fmt", ["hf", "native"])
+@pytest.mark.parametrize("budget", [1, 2 << 30], ids=["one-tensor-ahead", "all-ahead"])
+@pytest.mark.parametrize("unrolled,out_major", [(True, True), (False, False)], ids=["cpu-layout", "stacked"])
+def test_prefetched_weights_load_as_the_checkpoint_holds_them(tmp_path, hf_dir, hf_model, monkeypatch, fmt, budget,
+                                                              unrolled, out_major):
+    """load_params(prefetched=checkpoint.prefetch(d)) gives the contract's weights (moved by hand), whatever the
+    read-ahead budget and layout. In the CPU layout from a transformers checkpoint of the same dtype, each weight
+    is the very buffer the prefetch read (the jax.Array lies at its address): the read is the only copy."""
+    _, cfg, w = hf_model
+    d = hf_dir
+    if fmt == "native":
+        d = str(tmp_path / "native")
+        _write_native(d, *hf_to_native(w, cfg))
+    read, puts = set(), []
+    get, put = ck.Prefetch.get, ck._put
+
+    def spy_get(self, name):
+        arr = get(self, name)
+        read.add(arr.ctypes.data)
+        return arr
+
+    def spy_put(host, sharding):
+        arr = put(host, sharding)
+        puts.append((arr.unsafe_buffer_pointer(), host.shape))
+        return arr
+
+    monkeypatch.setattr(ck.Prefetch, "get", spy_get)
+    monkeypatch.setattr(ck, "_put", spy_put)
+    p = ck.prefetch(d, budget)
+    assert isinstance(p, ck.Prefetch)
+    if budget > 1:  # all read before the load starts (else the load maps what the thread has not reached)
+        while len(p._ready) < len(p._queue):
+            time.sleep(0.01)
+    got = ck.load_params(d, unrolled=unrolled, out_major=out_major, prefetched=p)
+    assert_trees_equal(got, inference_layout(expected_params(w, cfg), unrolled, out_major))
+    adopted = [shape for ptr, shape in puts if ptr in read]
+    if budget == 1:
+        pass  # the race between the thread and the load decides which tensors come read ahead
+    elif fmt == "hf" and unrolled and out_major:
+        assert len(adopted) == len(puts), [shape for ptr, shape in puts if ptr not in read]
+    elif fmt == "native" and unrolled and out_major:  # wq and wk are reordered (rotary pairs): copied
+        assert 0 < len(adopted) < len(puts)
+    else:  # stacked leaves gather their layers: every one copied
+        assert len(adopted) <= 3  # the unstacked embedding, final norm and head
+
+
+def test_prefetch_gives_way_to_an_out_of_order_read_and_hands_over_its_errors(hf_dir, monkeypatch):
+    """A tensor asked for before the thread reached it is mapped from its file instead (and the thread then
+    skips it); a tensor the thread failed to read raises that error where it is asked for."""
+    reader = st.SafetensorsReader(os.path.join(hf_dir, "model.safetensors"))
+    p = ck.Prefetch(hf_dir, budget=1)
+    last = p._queue[-1]
+    np.testing.assert_array_equal(p.get(last), reader.get(last))
+    assert_trees_equal(ck.load_params(hf_dir, prefetched=p), ck.load_params(hf_dir))
+
+    real = ck._read_tensor
+
+    def failing(t):
+        if t.name == "model.layers.1.mlp.up_proj.weight":
+            raise OSError(f"{t.path}: simulated read error")
+        return real(t)
+
+    monkeypatch.setattr(ck, "_read_tensor", failing)
+    with pytest.raises(OSError, match="simulated read error"):
+        ck.load_params(hf_dir, prefetched=ck.Prefetch(hf_dir))
+    assert ck.prefetch(str(os.path.dirname(hf_dir))) is None  # not a checkpoint: left to the loader
+
+
+def test_the_batch_tool_reads_weights_before_jax_is_imported():
+    """infer.generate starts the prefetch before it imports jax (the read overlaps the import): importing
+    the tool, and the checkpoint module, must not import jax or flax."""
+    code = "import sys, infer.generate, mistral_jax.checkpoint; print(sorted({'jax', 'flax'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_weights_moved_to_the_cpu_layout_on_the_host_are_not_copied_again(hf_dir, monkeypatch):
