@@ -345,10 +345,11 @@ def _host_leaves(reader, fmt: str, config: MistralConfig, dtype: np.dtype,
                  unrolled: bool = False, out_major: bool = False
                  ) -> Iterator[tuple[str, int | None, np.ndarray, tuple[int, ...] | None]]:
     """Yields (leaf, layer, host array, perm) one array at a time, each filled tensor by tensor from `reader`
-    (`reader.get(name)`: a SafetensorsReader's mapped files, or a Prefetch): a whole leaf (layer None: the layers stacked [L, ...]) or, when `unrolled`, one layer of a per-layer
-    leaf. `out_major`: projection weights come out [out..., in...] (model.out_major_weights), the checkpoint's
-    own [out, in] order, so they are copied straight, never transposed; `perm` is the axis order that took our
-    in-major layout to the array's (None: unmoved)."""
+    (its `get(name)`: a SafetensorsReader's mapped files, or a Prefetch): a whole leaf (layer None: the layers
+    stacked [L, ...]) or, when `unrolled`, one layer of a per-layer leaf. `out_major`: projection weights come
+    out [out..., in...] (model.out_major_weights), the checkpoint's own [out, in] order, so they are copied
+    straight, never transposed; `perm` is the axis order that took our in-major layout to the array's (None:
+    unmoved)."""
     def buffer(leaf, shape, lead):
         """(array in the layout we return, a view of it in our in-major layout, which _LAYOUTS maps from, perm)."""
         perm = out_major_perm(leaf.rsplit("/", 1)[-1], len(shape), lead) if out_major else None

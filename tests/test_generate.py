@@ -61,6 +61,50 @@ def test_batched_greedy_matches_transformers_one_at_a_time(tmp_path, window, lay
         assert o.finish_reason == "length" and o.prompt_tokens == len(p) and o.completion_tokens == 40
 
 
+@pytest.mark.parametrize("window", [5, None])
+def test_a_batch_folded_into_a_shorter_bucket_matches_transformers(tmp_path, window):
+    """Prompts of 17 and 18 tokens (bucket 24) are prefilled to 16, the bucket of the batch before them, and
+    their last tokens are fed by the decode loop (Generator's fold): the tokens are transformers' greedy ones,
+    one prompt at a time, and sampling draws what it draws unfolded."""
+    from mistral_jax import api
+
+    model, _, _ = _load(tmp_path, sliding_window=window)
+    loaded = api.load_model(tmp_path / "hf")
+    config, params = loaded.config, loaded.params
+    prompts = _prompts(config.vocab_size, [30, 17, 10, 18, 14, 20])
+    gen = Generator(params, config, batch_size=2)
+    assert gen._folding()  # on by default here: one CPU device
+    assert gen._fold_lengths([14, 18, 30]) == [None, 16, None]
+    prefills = []
+    real = gen._prefill
+    gen._prefill = lambda ps, *a: prefills.append((sorted(map(len, ps)), a[-1])) or real(ps, *a)
+    outs = gen.generate(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=()))
+    assert prefills == [([10, 14], None), ([17, 18], 16), ([20, 30], None)]
+    for p, o in zip(prompts, outs):
+        assert o.ids == _hf_greedy(model, p, 24)
+        assert o.prompt_tokens == len(p) and o.completion_tokens == 24 and o.finish_reason == "length"
+    sp = [SamplingParams(max_new_tokens=24, temperature=1.0, top_k=30, seed=i, stop_token_ids=()) for i in range(6)]
+    folded = Generator(params, config, batch_size=2).generate(prompts, sp)
+    plain = Generator(params, config, batch_size=2, fold=False).generate(prompts, sp)
+    assert [o.ids for o in folded] == [o.ids for o in plain]
+
+
+def test_fold_only_into_a_bucket_the_job_prefills_anyway_when_the_steps_cost_less():
+    """_fold_lengths: a batch folds into the smallest shorter bucket an earlier batch uses, when its longest
+    prompt passes it by at most TAIL_TOKENS and by at most a FOLD_STEP_COST-th of the padding saved; never
+    into a bucket no batch uses (that would add a program), nor a prefill of several chunks."""
+    from mistral_jax.config import MistralConfig
+
+    gen = Generator(None, MistralConfig(max_seq_len=4096), batch_size=8)
+    assert gen._fold_lengths([99, 136, 162, 189]) == [None, 128, None, None]  # 8 <= 64 / 4; 34 > 16
+    assert gen._fold_lengths([189, 136, 99]) == [None, 128, None]  # by length, whatever the order
+    assert gen._fold_lengths([136, 189]) == [None, None]  # 128 is nobody's bucket
+    assert gen._fold_lengths([99, 129, 140]) == [None, 128, 128]  # 140 - 128 = 12 <= 64 / 4 = 16
+    assert gen._fold_lengths([99, 145]) == [None, None]  # 17 > 16
+    assert gen._fold_lengths([400, 520]) == [None, None]  # 520: two chunks of 512
+    assert gen._fold_lengths([1000, 1030]) == [None, None]  # 1030 - 1024 fits the rule, but 1536 > 512
+
+
 def test_batch_of_one_on_the_cpu_layout_matches_transformers(tmp_path):
     """Batch 1 writes its decode token through its own path (model._cache_write: a scatter of two identical
     indices, which XLA:CPU updates in place)."""
