@@ -179,10 +179,22 @@ def _cpu_options(extra: dict | None = None) -> dict | None:
     return {**_CPU_OPTIONS, **(extra or {})} if jax.default_backend() == "cpu" else None
 
 
+def _versioned(fn: functools.partial) -> Callable:
+    """`fn` named after itself and this package's source (_source_hash). The name goes into the lowered module,
+    so into the key of JAX's persistent compilation cache: a new version of this code then compiles afresh,
+    and keeps that program (_load_or_compile keeps no program that JAX's cache gave, and a hit there, its
+    lowered module unchanged by the new version, would have had every later run trace and look it up again)."""
+    def run(*args, **kwargs):
+        return fn(*args, **kwargs)
+    functools.update_wrapper(run, fn)  # the signature (donated and static argument names) is fn's
+    run.__name__ = run.__qualname__ = f"{fn.func.__name__}_{_source_hash()[:16]}"
+    return run
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(config: MistralConfig, chunk: int):
     """(prefill, decode) jitted for `config`; prefill per chunk length, decode shared by every chunk length."""
-    pre = jax.jit(functools.partial(prefill, config=config, chunk=chunk), donate_argnames=("cache",),
+    pre = jax.jit(_versioned(functools.partial(prefill, config=config, chunk=chunk)), donate_argnames=("cache",),
                   compiler_options=_cpu_options())
     return pre, _compiled_decode(config)
 
@@ -190,7 +202,7 @@ def _compiled(config: MistralConfig, chunk: int):
 @functools.lru_cache(maxsize=None)
 def _compiled_decode(config: MistralConfig):
     options = _cpu_options(None if config.out_major_weights else _CPU_IN_MAJOR_DECODE_OPTIONS)
-    return jax.jit(functools.partial(decode, config=config), donate_argnames=("state",),
+    return jax.jit(_versioned(functools.partial(decode, config=config)), donate_argnames=("state",),
                    static_argnames=("sampled", "final"),
                    compiler_options=options)
 

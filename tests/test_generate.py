@@ -276,7 +276,7 @@ def test_stop_strings_and_streaming(tok_model):
 def test_a_second_run_loads_its_programs_instead_of_compiling(tmp_path):
     """With the compilation cache on, a second process loads the prefill and decode programs the first one kept
     (no tracing, lowering or compiling of them) and generates the same tokens; a corrupt kept program is
-    compiled again, and runs after that still work."""
+    compiled again, and runs after that still work; a new version keeps programs of its own."""
     import subprocess
     import sys
     import textwrap
@@ -284,10 +284,12 @@ def test_a_second_run_loads_its_programs_instead_of_compiling(tmp_path):
     model, config, _ = _load(tmp_path, sliding_window=8)
     prompts = _prompts(config.vocab_size, [5, 17, 40])
     script = textwrap.dedent(f"""
-        import json, sys
+        import json, os, sys
         sys.path.insert(0, {str(ROOT)!r})
         import jax
         from mistral_jax import api, generate
+        if os.environ.get("FAKE_SOURCE_HASH"):  # another version of the package
+            generate._source_hash = lambda: os.environ["FAKE_SOURCE_HASH"]
         events = {{"compile": 0, "load": 0}}
         def on(event, duration, **kw):
             if event == "/jax/core/compile/backend_compile_duration":
@@ -303,8 +305,9 @@ def test_a_second_run_loads_its_programs_instead_of_compiling(tmp_path):
                           "compiles": events["compile"] - before["compile"], "loads": events["load"]}}))
     """)
 
-    def run():
-        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    def run(version=""):
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           env={**os.environ, "FAKE_SOURCE_HASH": version})
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -322,6 +325,13 @@ def test_a_second_run_loads_its_programs_instead_of_compiling(tmp_path):
     # That program came from JAX's persistent cache this time; kept from there it would lose kernels (it did:
     # "Function ... not found" on the run after), so it is not kept, and every later run still generates.
     assert third["programs"] == 3 and run()["ids"] == first["ids"]
+    # A new version of the package (another source hash) compiles its own programs, not JAX's cached ones of the
+    # old version (whose lowered modules it may share), and keeps them: its second run loads all three.
+    before = len(list((tmp_path / "xla" / "mistral_jax_programs").glob("*.bin")))
+    upgraded = run("0123456789abcdef" * 4)
+    assert upgraded["ids"] == first["ids"] and upgraded["loads"] == 0
+    assert len(list((tmp_path / "xla" / "mistral_jax_programs").glob("*.bin"))) == before + 3
+    assert run("0123456789abcdef" * 4)["loads"] == 3
 
 
 def test_generate_job_resumes_and_reports_bad_rows(tok_model, tmp_path, monkeypatch):
