@@ -34,8 +34,8 @@ def find_tokenizer(checkpoint_dir: str, tokenizer: str | None = None) -> Tokeniz
 
 
 def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, shardings=None,
-               layers: str = "auto", out_major: bool | None = None, prefetched: checkpoint.Prefetch | None = None,
-               **config_overrides) -> LoadedModel:
+               layers: str = "auto", out_major: bool | None = None, fused: bool | None = None,
+               prefetched: checkpoint.Prefetch | None = None, **config_overrides) -> LoadedModel:
     """Loads our orbax checkpoint, a transformers directory or a Mistral native directory, for inference.
 
     `layers`: "scan" keeps the stacked layers; "unrolled" splits them per layer (model.unstack_params),
@@ -44,6 +44,8 @@ def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, 
     `out_major`: hold the projection weights [out, in] (model.out_major_weights), faster decode products on
     XLA:CPU; None (default) does so when the model goes to one CPU device (no `shardings` on the CPU backend,
     or shardings that each hold one CPU device). Safetensors are read straight into these layouts.
+    `fused`: q/k/v and w1/w3 joined into one weight each (model.fuse_projections); None (default): with
+    per-layer, out-major weights, i.e. on the CPU.
 
     `dtype` sets both the stored and the compute dtype; `shardings` (a tree of shardings shaped like the
     stacked, in-major params, see sharding.py) places each tensor directly on its devices. `prefetched`: a
@@ -63,6 +65,8 @@ def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, 
     params = checkpoint.load_params(path, config, dtype=dtype, shardings=shardings, unrolled=layers == "unrolled",
                                     out_major=out_major, prefetched=prefetched)
     config = config.replace(scan_layers=layers == "scan", out_major_weights=bool(out_major))
+    if fused if fused is not None else (out_major and layers == "unrolled"):
+        params, config = model.fuse_projections(params, config)
     return LoadedModel(config, params, find_tokenizer(path, tokenizer))
 
 

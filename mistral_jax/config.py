@@ -46,6 +46,11 @@ class MistralConfig:
     # True: [out..., in...] (wq [N, H, D]; model.out_major_weights), for inference on the CPU, where XLA's
     # products of a few rows (decode) by a weight run faster with the weight's input axis minor (docs/benchmarks.md).
     out_major_weights: bool = False
+    # True (with out-major, per-layer params; model.fuse_projections): wq, wk, wv held as one weight wqkv
+    # [(N + 2K) * H, D] and w1, w3 as one w13 [2F, D], one product each instead of three and two. The CPU
+    # inference layout: XLA:CPU builds each product's kernel on a program's first run, which a job pays for
+    # every program it loads (docs/benchmarks.md).
+    fused_projections: bool = False
 
     def __post_init__(self):
         def bad(msg):
@@ -69,6 +74,8 @@ class MistralConfig:
             bad(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
         if self.attention_impl not in ("xla", "cudnn", "splash"):
             bad(f"attention_impl must be 'xla', 'cudnn' or 'splash', got {self.attention_impl!r}")
+        if self.fused_projections and (self.scan_layers or not self.out_major_weights):
+            bad("fused_projections needs per-layer, out-major params (scan_layers=False, out_major_weights=True)")
 
     def replace(self, **kw) -> "MistralConfig":
         return dataclasses.replace(self, **kw)

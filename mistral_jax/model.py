@@ -27,7 +27,7 @@ import numpy as np
 from .attention import (decode_attention, dot_attention_split, fused_self_attention, make_mask, self_attention,
                         splash_self_attention)
 from .checkpoint import WEIGHT_INPUTS as _WEIGHT_INPUTS
-from .checkpoint import aligned_copy, leaf_shapes, out_major_perm
+from .checkpoint import aligned_copy, aligned_empty, leaf_shapes, out_major_perm
 from .config import MistralConfig
 from .rope import apply_rope, rope_tables
 
@@ -141,6 +141,20 @@ _AXES = {
 }
 
 
+# The fused CPU inference weights (config.fused_projections): name -> shape, and what each holds, in order.
+_FUSED = {
+    "wqkv": lambda c: ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim),
+    "w13": lambda c: (2 * c.hidden_dim, c.dim),
+}
+_FUSED_PARTS = {"wqkv": ("attention", ("wq", "wk", "wv")), "w13": ("feed_forward", ("w1", "w3"))}
+_AXES.update(wqkv=(None, "embed"), w13=(None, "embed"))
+
+
+def _no_lora(module: nn.Module) -> None:
+    if module.lora is not None:
+        raise ValueError("LoRA adapters need the unfused projections (config.fused_projections=False)")
+
+
 def _param(module: nn.Module, name: str, shape, init=_init, axes=None):
     cfg = module.config
     return module.param(name, nn.with_logical_partitioning(init, axes or _AXES[name]), shape,
@@ -190,14 +204,19 @@ class Attention(nn.Module):
         keys are written at slot `position % S`."""
         c = self.config
         d, n, k, h = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
-        wq = _weight(self, "wq", (d, n, h))
-        wk = _weight(self, "wk", (d, k, h))
-        wv = _weight(self, "wv", (d, k, h))
+        if c.fused_projections:  # one product, split into q, k, v (see fuse_projections)
+            _no_lora(self)
+            y = _matmul(x, _param(self, "wqkv", _FUSED["wqkv"](c)).astype(c.dtype), 1, True)
+            q, kk, vv = jnp.split(y, [n * h, (n + k) * h], axis=-1)
+            q, kk, vv = q.reshape(*x.shape[:2], n, h), kk.reshape(*x.shape[:2], k, h), vv.reshape(*x.shape[:2], k, h)
+        else:
+            q = _project(self, "wq", x, _weight(self, "wq", (d, n, h)), "btd,dnh->btnh", 1, ("embed",),
+                         ("heads", "head_dim"))
+            kk = _project(self, "wk", x, _weight(self, "wk", (d, k, h)), "btd,dkh->btkh", 1, ("embed",),
+                          ("kv_heads", "head_dim"))
+            vv = _project(self, "wv", x, _weight(self, "wv", (d, k, h)), "btd,dkh->btkh", 1, ("embed",),
+                          ("kv_heads", "head_dim"))
         wo = _weight(self, "wo", (n, h, d))
-
-        q = _project(self, "wq", x, wq, "btd,dnh->btnh", 1, ("embed",), ("heads", "head_dim"))
-        kk = _project(self, "wk", x, wk, "btd,dkh->btkh", 1, ("embed",), ("kv_heads", "head_dim"))
-        vv = _project(self, "wv", x, wv, "btd,dkh->btkh", 1, ("embed",), ("kv_heads", "head_dim"))
         q = apply_rope(q, rope)
         kk = apply_rope(kk, rope)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
@@ -297,11 +316,15 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        w1 = _weight(self, "w1", (c.dim, c.hidden_dim))
-        w3 = _weight(self, "w3", (c.dim, c.hidden_dim))
+        if c.fused_projections:  # one product, split into gate and up (see fuse_projections)
+            _no_lora(self)
+            gate, up = jnp.split(_matmul(x, _param(self, "w13", _FUSED["w13"](c)).astype(c.dtype), 1, True), 2, axis=-1)
+        else:
+            gate = _project(self, "w1", x, _weight(self, "w1", (c.dim, c.hidden_dim)), "btd,df->btf", 1, ("embed",),
+                            ("mlp",))
+            up = _project(self, "w3", x, _weight(self, "w3", (c.dim, c.hidden_dim)), "btd,df->btf", 1, ("embed",),
+                          ("mlp",))
         w2 = _weight(self, "w2", (c.hidden_dim, c.dim))
-        gate = _project(self, "w1", x, w1, "btd,df->btf", 1, ("embed",), ("mlp",))
-        up = _project(self, "w3", x, w3, "btd,df->btf", 1, ("embed",), ("mlp",))
         hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         return _project(self, "w2", hidden, w2, "btf,fd->btd", 1, ("mlp",), ("embed",))
 
@@ -469,6 +492,10 @@ def _param_tree(config: MistralConfig, leaf: Callable[[tuple[int, ...], tuple[st
             layer.setdefault(groups[1], {})[name] = _held(name, shape[1:], c.out_major_weights)
         else:
             top.setdefault(groups[0], {})[name] = leaf(*_held(name, shape, c.out_major_weights))
+    if c.fused_projections:
+        for fused, (group, parts) in _FUSED_PARTS.items():
+            layer[group] = {fused: (_FUSED[fused](c), _AXES[fused]),
+                            **{k: v for k, v in layer[group].items() if k not in parts}}
     if c.scan_layers:
         top["layers"] = {g: {k: leaf((c.n_layers, *s), ("layers", *a)) for k, (s, a) in mods.items()}
                          for g, mods in layer.items()}
@@ -499,7 +526,11 @@ def apply(params: Params, config: MistralConfig, tokens, positions=None, segment
     if unstacked == config.scan_layers:
         raise ValueError(f"apply: params have {'per-layer' if unstacked else 'stacked'} layers but config.scan_layers "
                          f"is {config.scan_layers}; see unstack_params")
-    wq = (params["layers"][0] if unstacked else params["layers"])["attention"]["wq"]
+    attention = (params["layers"][0] if unstacked else params["layers"])["attention"]
+    if ("wqkv" in attention) != config.fused_projections:
+        raise ValueError(f"apply: params hold {'one fused wqkv' if 'wqkv' in attention else 'separate wq, wk, wv'} "
+                         f"but config.fused_projections is {config.fused_projections}; see fuse_projections")
+    wq = attention.get("wq", attention.get("wqkv"))
     in_major, out_major = wq.shape[-2:] == (config.n_heads, config.head_dim), wq.shape[-1] == config.dim
     if in_major != out_major and out_major != config.out_major_weights:  # (both when head_dim == dim: unknowable)
         raise ValueError(f"apply: params hold their projection weights {'[out, in]' if out_major else '[in, out]'} "
@@ -593,6 +624,40 @@ def out_major_weights(params: Params, config: MistralConfig) -> tuple[Params, Mi
     if "output" in params:
         out["output"] = {"kernel": move(params["output"]["kernel"], "kernel", False)}
     return out, config.replace(out_major_weights=True)
+
+
+def fuse_projections(params: Params, config: MistralConfig) -> tuple[Params, MistralConfig]:
+    """Per-layer, out-major params -> wq, wk, wv as one wqkv [(N + 2K) * H, D] and w1, w3 as one w13 [2F, D]
+    (their rows one after the other), and the config with fused_projections=True. Layer by layer; on one CPU
+    device the weights are joined on the host, into a buffer jax.device_put takes as it is."""
+    if config.fused_projections:
+        return params, config
+    if not isinstance(params["layers"], (list, tuple)) or not config.out_major_weights:
+        raise ValueError("fuse_projections: needs per-layer, out-major params (unstack_params, out_major_weights)")
+
+    def join(ws):
+        rows = [w.reshape(-1, config.dim) for w in ws]
+        if all(_one_cpu_device(w) for w in ws):
+            out = aligned_empty((sum(r.shape[0] for r in rows), config.dim), rows[0].dtype)
+            np.concatenate([np.asarray(r) for r in rows], out=out)
+            sh = ws[0].sharding  # one device: a mesh's sharding of it keeps the mesh, replicated
+            if isinstance(sh, jax.sharding.NamedSharding):
+                sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
+            out = jax.device_put(out, sh)
+        else:
+            out = jnp.concatenate(rows)
+        for w in ws:
+            if isinstance(w, jax.Array):
+                w.delete()
+        return out
+
+    layers = []
+    for layer in params["layers"]:
+        layer = {g: dict(mods) for g, mods in layer.items()}
+        for fused, (group, parts) in _FUSED_PARTS.items():
+            layer[group] = {fused: join([layer[group].pop(k) for k in parts]), **layer[group]}
+        layers.append(layer)
+    return {**params, "layers": tuple(layers)}, config.replace(fused_projections=True)
 
 
 def init_lora(config: MistralConfig, spec: LoraSpec, rng) -> Params:

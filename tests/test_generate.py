@@ -553,8 +553,9 @@ def test_prefill_program_computes_the_rotary_tables_once(tmp_path):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_out_major_weights_give_the_same_logits(tied):
-    """model.out_major_weights ([out, in] weights, the CPU inference layout) against the training layout, through
-    both of its product forms: few rows (the weight as left operand, decode) and many rows (prefill)."""
+    """model.out_major_weights ([out, in] weights, the CPU inference layout), and fuse_projections on top of it,
+    against the training layout, through both of its product forms: few rows (the weight as left operand,
+    decode) and many rows (prefill)."""
     import jax.numpy as jnp
 
     from mistral_jax import model as model_lib
@@ -576,6 +577,17 @@ def test_out_major_weights_give_the_same_logits(tied):
         assert layer["attention"]["wq"].shape[-1] == config.dim  # [(L,) N, H, D]: the input axis last
         np.testing.assert_allclose(model_lib.forward(p, c, few), ref_few, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(model_lib.forward(p, c, many), ref_many, atol=1e-5, rtol=1e-5)
+        if unroll:  # and fused (model.fuse_projections, the CPU layout load_model gives): the rows joined
+            rows = lambda g, *ks: np.concatenate([np.asarray(layer[g][k]).reshape(-1, config.dim) for k in ks])  # noqa
+            want_qkv, want_13 = rows("attention", "wq", "wk", "wv"), rows("feed_forward", "w1", "w3")
+            p, c = model_lib.fuse_projections(p, c)
+            assert c.fused_projections and "wq" not in p["layers"][0]["attention"]
+            np.testing.assert_array_equal(p["layers"][0]["attention"]["wqkv"], want_qkv)
+            np.testing.assert_array_equal(p["layers"][0]["feed_forward"]["w13"], want_13)
+            np.testing.assert_allclose(model_lib.forward(p, c, few), ref_few, atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(model_lib.forward(p, c, many), ref_many, atol=1e-5, rtol=1e-5)
+            with pytest.raises(ValueError, match=r"one fused wqkv.*fused_projections is False"):
+                model_lib.apply(p, c.replace(fused_projections=False), few)
 
 
 def test_weights_in_the_wrong_layout_for_the_config_are_named():

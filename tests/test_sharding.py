@@ -96,19 +96,21 @@ def test_round_batch():
     assert round_batch(8, {"data": 4, "tensor": 2}) == 8
 
 
-@pytest.mark.parametrize("scan,out_major,tied", [(True, False, False), (True, True, True), (False, False, True),
-                                                  (False, True, False)])
-def test_param_tree_without_tracing_equals_what_the_model_declares(scan, out_major, tied):
+@pytest.mark.parametrize("scan,out_major,tied,fused", [(True, False, False, False), (True, True, True, False),
+                                                        (False, False, True, False), (False, True, False, False),
+                                                        (False, True, True, True)])
+def test_param_tree_without_tracing_equals_what_the_model_declares(scan, out_major, tied, fused):
     """model.param_shapes / param_logical_axes (built from checkpoint.leaf_shapes and the axis table, no trace)
     equal the tree that Transformer.init declares, in every layout: stacked or per-layer, in- or out-major, tied
-    or not."""
+    or not, projections fused or not."""
     import flax.linen as nn
     import jax
 
     from mistral_jax import model as model_lib
     from mistral_jax.config import get_preset
 
-    c = get_preset("tiny", scan_layers=scan, out_major_weights=out_major, tie_embeddings=tied, param_dtype="bfloat16")
+    c = get_preset("tiny", scan_layers=scan, out_major_weights=out_major, tie_embeddings=tied, param_dtype="bfloat16",
+                   fused_projections=fused)
     boxed = jax.eval_shape(lambda r: model_lib.Transformer(c).init(r, jax.ShapeDtypeStruct((1, 1), "int32"))["params"],
                            jax.random.key(0))
     traced_shapes = model_lib._to_public(nn.unbox(boxed))
