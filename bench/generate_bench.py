@@ -178,8 +178,8 @@ def decode_rates(hf_dir, hf_model, batches, steps, bandwidths):
 def decode_matmul_step(hf_dir, batch, repeats=16):
     """Seconds of one decode step's weight products alone at `batch` rows, with XLA:CPU's kernels: x [batch, D]
     through every layer's wq, wk, wv, wo, w1, w3, w2 and the head, nothing else (no attention, norms or
-    sampling). The best of both weight layouts (in-major, out-major; see model._matmul) each with Eigen and
-    with XLA's default (YNNPACK)."""
+    sampling). The best of the weight layouts (in-major, out-major, out-major with q/k/v and w1/w3 fused; see
+    model._matmul and fuse_projections) each with Eigen and with XLA's default (YNNPACK)."""
     import jax
     import jax.numpy as jnp
 
@@ -194,10 +194,17 @@ def decode_matmul_step(hf_dir, batch, repeats=16):
         def products(x):
             for lp in params["layers"]:
                 a, f = lp["attention"], lp["feed_forward"]
-                q = mm(x, a["wq"])
-                q = q + mm(x, a["wk"]).sum() + mm(x, a["wv"]).sum()
+                if "wqkv" in a:
+                    qkv = mm(x, a["wqkv"])
+                    n, h = a["wo"].shape[1:]  # out-major wo [D, N, H]
+                    q = qkv[:, :n * h].reshape(-1, n, h) + qkv.sum()
+                    gate, up = jnp.split(mm(x, f["w13"]), 2, axis=-1)
+                else:
+                    q = mm(x, a["wq"])
+                    q = q + mm(x, a["wk"]).sum() + mm(x, a["wv"]).sum()
+                    gate, up = mm(x, f["w1"]), mm(x, f["w3"])
                 x = x + 1e-3 * mm(q, a["wo"], 2)
-                x = x + 1e-3 * mm(mm(x, f["w1"]) * mm(x, f["w3"]), f["w2"])
+                x = x + 1e-3 * mm(gate * up, f["w2"])
             return x, mm(x, params["output"]["kernel"])
 
         def body(_, carry):
@@ -207,8 +214,8 @@ def decode_matmul_step(hf_dir, batch, repeats=16):
         return jax.lax.fori_loop(0, repeats, body, (x, jnp.float32(0)))
 
     best = float("inf")
-    for out_major in (False, True):
-        loaded = api.load_model(hf_dir, out_major=out_major)
+    for out_major, fused in ((False, False), (True, False), (True, True)):
+        loaded = api.load_model(hf_dir, out_major=out_major, fused=fused)
         x = jnp.ones((batch, loaded.config.dim), jnp.float32)
         for options in (_CPU_IN_MAJOR_DECODE_OPTIONS, None):
             f = jax.jit(lambda x, p: steps(x, p, out_major), compiler_options=options)

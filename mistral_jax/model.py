@@ -636,16 +636,16 @@ def fuse_projections(params: Params, config: MistralConfig) -> tuple[Params, Mis
         raise ValueError("fuse_projections: needs per-layer, out-major params (unstack_params, out_major_weights)")
 
     def join(ws):
-        rows = [w.reshape(-1, config.dim) for w in ws]
-        if all(_one_cpu_device(w) for w in ws):
+        if all(_one_cpu_device(w) for w in ws):  # numpy views of the device buffers: no program per reshape
+            rows = [np.asarray(w).reshape(-1, config.dim) for w in ws]
             out = aligned_empty((sum(r.shape[0] for r in rows), config.dim), rows[0].dtype)
-            np.concatenate([np.asarray(r) for r in rows], out=out)
+            np.concatenate(rows, out=out)
             sh = ws[0].sharding  # one device: a mesh's sharding of it keeps the mesh, replicated
             if isinstance(sh, jax.sharding.NamedSharding):
                 sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
             out = jax.device_put(out, sh)
         else:
-            out = jnp.concatenate(rows)
+            out = jnp.concatenate([w.reshape(-1, config.dim) for w in ws])
         for w in ws:
             if isinstance(w, jax.Array):
                 w.delete()
