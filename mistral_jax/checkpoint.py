@@ -499,9 +499,11 @@ class Prefetch:
                 arr = e
             with self._cond:
                 self._reading = None
+                self._cond.notify_all()
+                if self._closed:  # closed while reading: nobody will take it
+                    return
                 self._ready[name] = arr
                 self._held += t.nbytes if isinstance(arr, np.ndarray) else 0
-                self._cond.notify_all()
 
     def get(self, name: str) -> np.ndarray:
         with self._cond:
