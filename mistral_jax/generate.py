@@ -388,7 +388,6 @@ class _Batch:
     prefilled_info: object  # shapes, dtypes and shardings of (logits, cache): the decode program's inputs
     prefilled: object  # (logits, cache), or a Future of them
     tails: dict | None  # the prompts' ends fed by the decode loop (decode's tail, tail_start, tail_len), or None
-    max_tail: int       # the longest of them
 
 
 # Generator's folding (see _fold_lengths): the most prompt tokens a row feeds through the decode loop, and what
@@ -563,7 +562,7 @@ class Generator:
         # decode program depends on them, so a job whose batches have different prompt buckets compiles one
         # decode program, not one per bucket. A folded batch keeps the slots of its own bucket.
         slots = self.cache_slots or num_slots(c, min(1 << (t + m - 1).bit_length(), c.max_seq_len))
-        prefilled, tail_info, max_tail = prompts, None, 0
+        prefilled, tail_info = prompts, None
         if tails:
             tail_info = dict(tail=np.zeros((bs, TAIL_TOKENS), np.int32), tail_start=np.zeros((bs,), np.int32),
                              tail_len=np.zeros((bs,), np.int32))
@@ -573,7 +572,6 @@ class Generator:
                     rest = p[fold:]
                     tail_info["tail"][i, :len(rest)] = rest
                     tail_info["tail_start"][i], tail_info["tail_len"][i] = min(len(p), fold), len(rest)
-                    max_tail = max(max_tail, len(rest))
                 prefilled = [p[:fold] for p in prompts]
         tokens, lengths = pad_rows(prefilled, bs, t)
 
@@ -587,7 +585,7 @@ class Generator:
         program = _program(pre, "prefill", (c, chunk), (self.params,), kwargs)
         run = functools.partial(_run_prefill, program, self.params, kwargs, self._busy)
         return _Batch(prompts, sampling, max_new, m, lengths, program.out_info,
-                      pool.submit(run) if pool is not None else run(), tail_info, max_tail)
+                      pool.submit(run) if pool is not None else run(), tail_info)
 
     def _decode(self, batch: "_Batch", on_update, steps_per_call, ahead: Callable[[], None] | None = None):
         """Decodes one batch. Its program is found or compiled from the prefill's output shapes, so while the
@@ -623,7 +621,8 @@ class Generator:
         )
         sampled = any(s.temperature > 0 for s in sampling)
         need_host = on_update is not None or any(s.stop_strings for s in sampling)
-        total = m + batch.max_tail  # steps that finish every row: its prompt's tail, then its tokens
+        # Steps that finish every row: its prompt's tail, then its tokens.
+        total = m + (int(batch.tails["tail_len"].max()) if batch.tails else 0)
         step = np.int32(steps_per_call or (16 if need_host else total))
         # step >= total: one call generates every row's tokens, so its last token is not fed (decode's `final`);
         # with several calls, each call's last forward gives the next call its logits.

@@ -161,8 +161,6 @@ def _param(module: nn.Module, name: str, shape, init=_init, axes=None):
                         jnp.dtype(cfg.param_dtype))
 
 
-
-
 def _held(name: str, shape, out_major: bool) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """(shape, logical axes) of param `name` declared with `shape`, as held: a projection weight [out..., in...]
     when `out_major`, anything else as declared."""
