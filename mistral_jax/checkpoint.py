@@ -466,12 +466,12 @@ class Prefetch:
 
     def __init__(self, path: str, budget: int = 2 << 30):
         self.path = os.fspath(path)
-        self.fmt = detect_format(self.path)
-        if self.fmt == "orbax":
+        fmt = detect_format(self.path)
+        if fmt == "orbax":
             raise ValueError(f"{self.path}: Prefetch reads safetensors checkpoints")
-        self.config = load_config(self.path)
-        self.reader = _open_safetensors(self.path, self.fmt)
-        names = [n for leaf in leaf_shapes(self.config) for n in _layer_names(self.fmt, leaf, self.config)]
+        config = load_config(self.path)
+        self.reader = _open_safetensors(self.path, fmt)
+        names = [n for leaf in leaf_shapes(config) for n in _layer_names(fmt, leaf, config)]
         self._queue = [n for n in names if n in self.reader]
         self._budget = budget
         self._ready: dict[str, np.ndarray | BaseException] = {}
@@ -532,10 +532,8 @@ def prefetch(path: str, budget: int = 2 << 30) -> Prefetch | None:
     """A started Prefetch of checkpoint directory `path`, or None where there is nothing to read ahead: an orbax
     checkpoint, or a directory that is not a valid checkpoint (load_params then reports the problem)."""
     try:
-        if detect_format(path) == "orbax":
-            return None
         return Prefetch(path, budget)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # an orbax checkpoint (ValueError) included
         return None
 
 
@@ -582,10 +580,10 @@ def load_params(path: str, config: MistralConfig | None = None, dtype: str = "fl
     if prefetched is not None and os.path.abspath(prefetched.path) != os.path.abspath(path):
         raise ValueError(f"load_params: prefetched is of {prefetched.path}, not {path}")
     reader = prefetched.reader if prefetched is not None else _open_safetensors(path, fmt)
-    _validate_source(reader, fmt, config)
     try:
+        _validate_source(reader, fmt, config)
         return _load_safetensors(prefetched or reader, fmt, config, np_dtype, shardings, unrolled, out_major)
-    finally:
+    finally:  # also when the checkpoint fails validation: the prefetch stops and drops what it read
         if prefetched is not None:
             prefetched.close()
 

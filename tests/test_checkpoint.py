@@ -727,6 +727,13 @@ def test_error_unexpected_and_missing_tensor(tmp_path, hf_model):
     with pytest.raises(ck.CheckpointError, match=r"missing tensor 'model\.layers\.1\.post_attention_layernorm"
                                                  r"\.weight'.*model\.safetensors"):
         ck.load_params(d)
+    # The same through a prefetch (the batch tool's path): the same error, and the prefetch is stopped, its reads
+    # dropped, not left holding memory.
+    p = ck.prefetch(d)
+    with pytest.raises(ck.CheckpointError, match=r"missing tensor 'model\.layers\.1\.post_attention_layernorm"
+                                                 r"\.weight'.*model\.safetensors"):
+        ck.load_params(d, prefetched=p)
+    assert p._closed and not p._ready
     # A config with more layers than the file: names the first missing tensor and where it was looked for.
     with pytest.raises(ck.CheckpointError, match=r"missing tensor 'model\.layers\.2\.input_layernorm\.weight' "
                                                  r"\(and 9 more.*expected in .*model\.safetensors"):
