@@ -391,8 +391,9 @@ class _Batch:
 
 
 # Generator's folding (see _fold_lengths): the most prompt tokens a row feeds through the decode loop, and what
-# one decode step of a batch costs in prefilled tokens per row: 8 rows took about 25 ms a step and 7.7 ms per
-# prefilled column (0.96 ms a token) on the development VM's CPU, a ratio of about 3.2, rounded up.
+# one decode step of a batch costs in prefilled tokens per row: on the development VM's CPU a batch-8 step cost
+# about 3.2 times a prefilled column of 8 rows (bench/generate_bench.py; the figures in docs/benchmarks.md),
+# rounded up.
 TAIL_TOKENS = 32
 FOLD_STEP_COST = 4
 
@@ -411,8 +412,8 @@ class Generator:
     `fold`: a batch whose longest prompt only just passes a shorter bucket that the job prefills anyway is
     prefilled to that bucket, and the rest of its longer prompts (at most TAIL_TOKENS) is fed by the decode loop,
     one token per step (decode's tail), when those steps cost less than the padding they save (see
-    _fold_lengths). None (default): on where overlap_prefill is (one CPU device, where the rule was measured:
-    a decode step of 8 rows cost what prefilling about 26 tokens did)."""
+    _fold_lengths). None (default): on where overlap_prefill is (one CPU device, where the rule was measured,
+    see FOLD_STEP_COST)."""
 
     def __init__(self, params, config: MistralConfig, tokenizer=None, batch_size: int = 8,
                  prefill_chunk: int = 512, place: Callable | None = None, cache_slots: int | None = None,
