@@ -1,12 +1,16 @@
-"""Grouped-query attention with Mistral's exact sliding window.
+"""Grouped-query attention with Mistral's exact sliding window, and the one place that picks a kernel.
 
 Einsum axis letters, used across the library:
   B batch    T query length    S key length    N query heads    K kv heads    G query heads per kv head (N/K)
   H head dim D model dim       F ffn dim       V vocab          L layers      C query block
 
-The window rule (REFERENCE.md section 2): a query at absolute position i sees key j iff j <= i and
-i - j < W, i.e. W keys including its own. Masks are always built from absolute positions, never from array
+The window rule: a query at absolute position i sees key j iff j <= i and i - j < W, i.e. W keys including
+its own (transformers, mistral-inference, vLLM). Masks are built from absolute positions, never from array
 indices, so the same code is exact for left-padded batches, packed rows, decode and chunked prefill.
+
+`self_attention` dispatches a sequence's attention over itself to a kernel (Numerics.attention_impl):
+"xla" (the blockwise einsum path, any backend), "cudnn" (jax.nn.dot_product_attention on GPU) or "splash"
+(Pallas on TPU). Attention over a KV cache always takes the einsum path (`cache_attention`).
 """
 
 from __future__ import annotations
@@ -43,52 +47,33 @@ def dot_attention(q, k, v, mask):
     b, t, n, h = q.shape
     kh = k.shape[2]
     q = q.reshape(b, t, kh, n // kh, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
-    s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
     s = jnp.where(mask[:, None, None], s, _NEG)
     p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v)
     return out.reshape(b, t, n, h)
 
 
-def dot_attention_split(q, ks, vs, masks):
-    """Attention over several key sets sharing one softmax, without concatenating them.
+def cache_attention(q, ks, vs, masks):
+    """Attention over one or more key sets sharing one softmax, without concatenating them.
 
-    q [B, T, N, H]; ks/vs: tuples of [B, K, S_i, H] (the KV cache's order); masks: tuple of [B, T, S_i]. Used
-    for (cache, new tokens) at decode and chunked prefill, where a concatenation would copy the whole cache
-    each step."""
+    q [B, T, N, H]; ks/vs: tuples of [B, K, S_i, H] (the KV cache's order); masks: tuples of [B, T, S_i].
+    (cache, new tokens) at a prefill chunk: a concatenation would copy the whole cache."""
     b, t, n, h = q.shape
     kh = ks[0].shape[1]
     q = q.reshape(b, t, kh, n // kh, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
-    scores = [jnp.where(m[:, None, None], jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32),
+    scores = [jnp.where(m[:, None, None], jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32),
                         _NEG) for k, m in zip(ks, masks)]
-    sizes = [s.shape[-1] for s in scores]
-    p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # [B, K, G, T, sum S_i]
     out, start = 0, 0
-    for v, size in zip(vs, sizes):
-        out = out + jnp.einsum("bkgts,bksh->btkgh", p[..., start:start + size].astype(v.dtype), v)
+    for v, s in zip(vs, scores):
+        size = s.shape[-1]
+        out = out + jnp.einsum("BKGTS,BKSH->BTKGH", p[..., start:start + size].astype(v.dtype), v)
         start += size
     return out.reshape(b, t, n, h)
 
 
-def decode_attention(q, k, v, mask):
-    """One new token per row over the KV cache: q [B, 1, N, H], k/v [B, K, S, H] (the cache's order), mask
-    [B, 1, S] -> [B, 1, N, H].
-
-    Scores are computed as cache x query ([B, K, S, G], the cache as the left operand, read as it lies) and the
-    output as probabilities x values; optimization barriers keep XLA from swapping the operands of either
-    product, which on XLA:CPU had it read the value cache transposed, a slower kernel (docs/benchmarks.md)."""
-    b, _, n, h = q.shape
-    kh = k.shape[1]
-    q = q.reshape(b, kh, n // kh, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
-    s = jax.lax.dot_general(k, q, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
-    s = jnp.swapaxes(jax.lax.optimization_barrier(s), 2, 3)  # [B, K, G, S]
-    s = jnp.where(mask[:, 0][:, None, None], s, _NEG)
-    p = jax.nn.softmax(s, axis=-1)
-    out = jax.lax.optimization_barrier(jnp.einsum("bkgs,bksh->bkgh", p.astype(v.dtype), v))
-    return out.reshape(b, 1, n, h)
-
-
-def self_attention(q, k, v, positions, segment_ids, window: int | None, block: int):
+def blockwise_attention(q, k, v, positions, segment_ids, window: int | None, block: int):
     """Attention of a sequence over itself. q [B, T, N, H], k/v [B, T, K, H], positions/segment_ids [B, T].
 
     Without a window, or when the whole sequence fits in one window span, this is one dense masked
@@ -135,6 +120,17 @@ def self_attention(q, k, v, positions, segment_ids, window: int | None, block: i
     out = jax.lax.map(one_block, xs, batch_size=group)  # [nb, B, C, N, H]
     out = jnp.moveaxis(out, 0, 1).reshape(b, nb * c, *q.shape[2:])
     return out[:, :t]
+
+
+def self_attention(q, k, v, positions, segment_ids, window: int | None, numerics):
+    """The attention of a sequence over itself (no cache), by the kernel `numerics.attention_impl` names.
+    q [B, T, N, H], k/v [B, T, K, H], positions/segment_ids [B, T] -> [B, T, N, H]."""
+    impl = numerics.attention_impl
+    if impl == "cudnn":
+        return fused_self_attention(q, k, v, positions, segment_ids, window, "cudnn")
+    if impl == "splash":
+        return splash_self_attention(q, k, v, positions, segment_ids, window)
+    return blockwise_attention(q, k, v, positions, segment_ids, window, numerics.attention_block)
 
 
 def fused_self_attention(q, k, v, positions, segment_ids, window: int | None, implementation: str):

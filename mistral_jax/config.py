@@ -1,4 +1,6 @@
-"""Model configuration: one frozen dataclass, presets, and the two on-disk config formats.
+"""Configuration by what it describes: `MistralConfig` is the architecture (what `config.json` / `params.json`
+hold), `Numerics` the dtypes, rematerialization and attention kernel; presets; and the one dataclass loader
+(`from_mapping`, `from_yaml`) that run configs use.
 
 Field names follow Mistral's `params.json` (dim, n_layers, n_heads, ...), so the model code and the native
 checkpoint read alike; `to_hf`/`from_hf` translate to transformers' `config.json` (MistralConfig).
@@ -9,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -25,39 +29,17 @@ class MistralConfig:
     hidden_dim: int = 14336
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # W keys per query, its own included (REFERENCE.md section 2); None means plain causal attention.
+    # W keys per query, its own included (attention.py); None means plain causal attention.
     sliding_window: int | None = 4096
     max_seq_len: int = 8192
     tie_embeddings: bool = False
-    # Numerics: params are stored in `param_dtype`, matmuls run in `dtype`; norms and softmax always in f32.
-    param_dtype: str = "float32"
-    dtype: str = "float32"
-    # "none" | "full" | "dots" (save matmul outputs, recompute the rest) for training memory.
-    remat: str = "none"
-    # "xla" (blockwise, any backend) | "cudnn" (GPU prefill) | "splash" (TPU); see attention.py.
-    attention_impl: str = "xla"
-    # Query block for the windowed blockwise attention; keys visited per block = block + window rounded up.
-    attention_block: int = 256
-    # True: layers stacked and run by nn.scan (one layer compiled; training and accelerators). False: layers
-    # unrolled over per-layer params (model.unstack_params); inference uses it on the CPU, where XLA copies
-    # each layer's weights out of a stacked array before every matmul (three passes over the weights).
-    scan_layers: bool = True
-    # False: projection weights stored [in..., out...] (wq [D, N, H]; the checkpoints' and training's layout).
-    # True: [out..., in...] (wq [N, H, D]; model.out_major_weights), for inference on the CPU, where XLA's
-    # products of a few rows (decode) by a weight run faster with the weight's input axis minor (docs/benchmarks.md).
-    out_major_weights: bool = False
-    # True (with out-major, per-layer params; model.fuse_projections): wq, wk, wv held as one weight wqkv
-    # [(N + 2K) * H, D] and w1, w3 as one w13 [2F, D], one product each instead of three and two. The CPU
-    # inference layout: XLA:CPU builds each product's kernel on a program's first run, which a job pays for
-    # every program it loads (docs/benchmarks.md).
-    fused_projections: bool = False
 
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"MistralConfig: {msg}")
 
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
-                     "max_seq_len", "attention_block"):
+                     "max_seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f"{name} must be a positive int, got {v!r}")
@@ -67,15 +49,6 @@ class MistralConfig:
             bad(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             bad(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                bad(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-        if self.remat not in ("none", "full", "dots"):
-            bad(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
-        if self.attention_impl not in ("xla", "cudnn", "splash"):
-            bad(f"attention_impl must be 'xla', 'cudnn' or 'splash', got {self.attention_impl!r}")
-        if self.fused_projections and (self.scan_layers or not self.out_major_weights):
-            bad("fused_projections needs per-layer, out-major params (scan_layers=False, out_major_weights=True)")
 
     def replace(self, **kw) -> "MistralConfig":
         return dataclasses.replace(self, **kw)
@@ -88,7 +61,7 @@ class MistralConfig:
         return v * d * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer + d
 
     # ---- transformers config.json -------------------------------------------------------------------
-    def to_hf(self) -> dict[str, Any]:
+    def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
         return {
             "architectures": ["MistralForCausalLM"],
             "model_type": "mistral",
@@ -108,7 +81,7 @@ class MistralConfig:
             "bos_token_id": 1,
             "eos_token_id": 2,
             "attention_dropout": 0.0,
-            "torch_dtype": self.param_dtype,
+            "torch_dtype": dtype,
         }
 
     @classmethod
@@ -168,6 +141,8 @@ class MistralConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides) -> "MistralConfig":
+        # Checkpoints of v0.1 also stored numerics and layout flags here; the weights they describe are the same.
+        d = {k: v for k, v in d.items() if k not in _LEGACY_KEYS}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -196,6 +171,44 @@ class MistralConfig:
         raise ValueError(f"{path}: neither a transformers config.json nor a Mistral params.json")
 
 
+_LEGACY_KEYS = frozenset({"param_dtype", "dtype", "remat", "attention_impl", "attention_block", "scan_layers",
+                          "out_major_weights", "fused_projections"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """How the model computes: params stored in `param_dtype`, matmuls in `dtype` (norms, rotary angles and
+    softmax always in float32), `remat` for training memory, and the attention kernel (attention.py)."""
+
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    # "none" | "full" | "dots" (save matmul outputs, recompute the rest).
+    remat: str = "none"
+    # "xla" (blockwise, any backend) | "cudnn" (GPU) | "splash" (TPU).
+    attention_impl: str = "xla"
+    # Query block of the windowed blockwise attention; keys visited per block = block + window rounded up.
+    attention_block: int = 256
+
+    def __post_init__(self):
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"Numerics: {name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"Numerics: remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+        if self.attention_impl not in ("xla", "cudnn", "splash"):
+            raise ValueError(f"Numerics: attention_impl must be 'xla', 'cudnn' or 'splash', got {self.attention_impl!r}")
+        if not isinstance(self.attention_block, int) or self.attention_block <= 0:
+            raise ValueError(f"Numerics: attention_block must be a positive int, got {self.attention_block!r}")
+
+    def replace(self, **kw) -> "Numerics":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def of(cls, dtype: str) -> "Numerics":
+        """Params stored and computed in `dtype` (inference)."""
+        return cls(param_dtype=dtype, dtype=dtype)
+
+
 def _7b(**kw) -> MistralConfig:
     return MistralConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                          hidden_dim=14336, **kw)
@@ -210,7 +223,7 @@ PRESETS: dict[str, MistralConfig] = {
                                   hidden_dim=2048, sliding_window=256, max_seq_len=4096),
     # Tiny shapes for tests and the demo: small window so that windowing shows in short sequences.
     "tiny": MistralConfig(vocab_size=32000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                          hidden_dim=128, sliding_window=16, max_seq_len=512, attention_block=16),
+                          hidden_dim=128, sliding_window=16, max_seq_len=512),
     "tiny-nowindow": MistralConfig(vocab_size=32000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                                    hidden_dim=128, sliding_window=None, max_seq_len=512, rope_theta=1e6),
 }
@@ -220,3 +233,79 @@ def get_preset(name: str, **overrides) -> MistralConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides)
+
+
+# ---- dataclasses from YAML / JSON mappings --------------------------------------------------------------------
+
+def _coerce(value, hint, where: str):
+    """`value` checked against (and converted to) the type `hint` of a field; errors name `where`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(value, opt, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{where}: got {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return from_mapping(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (item, *_) = typing.get_args(hint) or (Any,)
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_mapping(cls, data: dict, where: str = "config", **overrides):
+    """An instance of dataclass `cls` from a mapping (nested dataclasses from nested mappings), each value
+    checked against its field's type; unknown keys are refused with their names."""
+    data = {**data, **overrides}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}: {k}") for k, v in data.items()})
+
+
+def from_yaml(cls, path: str, **overrides):
+    """An instance of dataclass `cls` from a YAML file (see from_mapping); errors name the file."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return from_mapping(cls, data, path, **overrides)

@@ -11,11 +11,13 @@ Model code names logical axes only (`batch`, `embed`, `heads`, ... see model.py)
 names into mesh axes. The names take effect only inside `activate(mesh, rules)` (jax.set_mesh + flax's
 logical_axis_rules), which the tools and the trainer wrap around the calls that trace jitted functions.
 
-  mesh = make_mesh("data=2,fsdp=2,tensor=2")      # -1 = the rest of the devices; default: all on fsdp
-  mm = ModelMesh(mesh, config)                      # checks the model divides; picks the rules
+  mm = ModelMesh.build(config, "data=2,fsdp=2,tensor=2")   # -1 = the rest; default: every device on fsdp
   params = checkpoint.load_params(path, config, dtype, shardings=mm.param_shardings)
   with mm.activate():
-      scoring.score(params, config, rows, mm.round_batch(8), place=mm.place, fetch=mm.fetch)
+      cache = mm.cache(batch, slots, dtype)                   # a KVCache created sharded
+      rows = mm.fetch(program(params, mm.place(host_batch)))
+
+Every tool, training included, builds a ModelMesh (one device is a mesh of one) and passes it as one object.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from . import kv_cache
-from . import model as model_lib
+from . import params as params_lib
 from .config import MistralConfig
+from .kv_cache import KVCache
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -55,7 +57,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("lora_rank",    None),        # LoRA adapters: the rank is tiny, the other dimension carries the split
 )
 
-# Logical axes of the KV cache pytree (kv_cache.py: k, v [L, B, K, S, H], pos [B, S]).
+# Logical axes of the KV cache's fields (kv_cache.KVCache: k, v [L, B, K, S, H], pos [B, S]).
 CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "cache_length", "head_dim"),
               "v": ("layers", "batch", "kv_heads", "cache_length", "head_dim"),
               "pos": ("batch", "cache_length")}
@@ -176,7 +178,7 @@ def _is_names(x) -> bool:
 def param_specs(config: MistralConfig, mesh: Mesh | Mapping[str, int], rules=None) -> Any:
     """The param tree with a PartitionSpec at each leaf."""
     rules = rules if rules is not None else rules_for(config, mesh)[0]
-    return jax.tree.map(lambda names: spec_for(names, rules), model_lib.param_logical_axes(config),
+    return jax.tree.map(lambda names: spec_for(names, rules), params_lib.param_logical_axes(config),
                         is_leaf=_is_names)
 
 
@@ -197,8 +199,8 @@ def check_divisible(config: MistralConfig, mesh: Mesh | Mapping[str, int], rules
     """ShardingError naming the first model dimension that does not split evenly over its mesh axes."""
     rules = rules if rules is not None else rules_for(config, mesh)[0]
     sizes = mesh_sizes(mesh)
-    axes = model_lib.param_logical_axes(config)
-    shapes = model_lib.param_shapes(config)
+    axes = params_lib.param_logical_axes(config)
+    shapes = params_lib.param_shapes(config)
     for (path, names), shape in zip(jax.tree_util.tree_flatten_with_path(axes, is_leaf=_is_names)[0],
                                     jax.tree.leaves(shapes)):
         spec = spec_for(names, rules)
@@ -303,23 +305,14 @@ def fetch(tree):
     return jax.tree.map(get, tree)
 
 
-def cache_shardings(mesh: Mesh, rules=RULES, stacked: bool = True) -> dict[str, NamedSharding]:
-    """Shardings of the cache's leaves; `stacked` False for per-layer k/v arrays (unrolled layers), which
-    lack the leading 'layers' axis (a sharding given for 'k' then applies to each layer's array)."""
-    axes = {k: names if stacked or k == "pos" else names[1:] for k, names in CACHE_AXES.items()}
-    return {k: NamedSharding(mesh, spec_for(names, rules)) for k, names in axes.items()}
+def cache_shardings(mesh: Mesh, rules=RULES) -> KVCache:
+    """The KV cache's shardings: batch over (data, fsdp), KV heads over tensor."""
+    return KVCache(**{k: NamedSharding(mesh, spec_for(names, rules)) for k, names in CACHE_AXES.items()})
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_init(config: MistralConfig, batch: int, slots: int, dtype, shardings: tuple):
-    s = dict(shardings)
-    return jax.jit(functools.partial(kv_cache.init_cache, config, batch, slots, dtype), out_shardings=s)
-
-
-def make_cache(config: MistralConfig, batch: int, slots: int, mesh: Mesh, rules=RULES, dtype=None):
-    """kv_cache.init_cache, created in place on the mesh: batch over (data, fsdp), KV heads over tensor."""
-    shardings = tuple(sorted(cache_shardings(mesh, rules, stacked=config.scan_layers).items()))
-    return _cache_init(config, batch, slots, dtype, shardings)()
+def _cache_init(config: MistralConfig, batch: int, slots: int, dtype: str, shardings: KVCache):
+    return jax.jit(functools.partial(KVCache.init, config, batch, slots, dtype), out_shardings=shardings)
 
 
 # ---- one model on one mesh ------------------------------------------------------------------------------------
@@ -348,10 +341,21 @@ class ModelMesh:
     def activate(self):
         return activate(self.mesh, self.rules)
 
-    def init_params(self, rng):
+    @classmethod
+    def build(cls, config: MistralConfig, spec: str | Mapping[str, int] | None = None,
+              devices: Sequence | None = None) -> "ModelMesh":
+        """The mesh of `spec` (see parse_mesh; default: every device on fsdp) for `config`."""
+        return cls(make_mesh(spec, devices), config)
+
+    @property
+    def size(self) -> int:
+        return self.mesh.devices.size
+
+    def init_params(self, rng, dtype: str = "float32"):
         """Random params created sharded: the initialiser runs under jit with the param shardings as outputs,
         so no device ever holds the whole model."""
-        init = jax.jit(functools.partial(model_lib.init_params, self.config), out_shardings=self.param_shardings)
+        init = jax.jit(functools.partial(params_lib.init_params, self.config, dtype=dtype),
+                       out_shardings=self.param_shardings)
         with self.activate():
             return init(rng)
 
@@ -365,9 +369,15 @@ class ModelMesh:
     def fetch(tree):
         return fetch(tree)
 
-    def make_cache(self, config: MistralConfig, batch: int, slots: int, dtype=None):
-        """Same signature as kv_cache.init_cache (generate.Generator's make_cache hook)."""
-        return make_cache(config, batch, slots, self.mesh, self.rules, dtype)
+    def cache(self, batch: int, slots: int, dtype: str = "float32") -> KVCache:
+        """An empty KVCache created in place on the mesh."""
+        return _cache_init(self.config, batch, slots, dtype, cache_shardings(self.mesh, self.rules))()
+
+    def cache_shardings(self) -> KVCache:
+        return cache_shardings(self.mesh, self.rules)
+
+    def batch_sharding(self, ndim: int) -> NamedSharding:
+        return batch_sharding(self.mesh, ndim, self.rules)
 
     def logical_shardings(self, logical_tree):
         return logical_shardings(logical_tree, self.mesh, self.rules)
