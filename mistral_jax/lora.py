@@ -65,6 +65,22 @@ class LoraWeight:
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    def reshape(self, *shape) -> "LoraWeight":
+        """The weight reshaped, its input axes merged or split within themselves (a [in..., r], b [r, out...])."""
+        w = self.w.reshape(*shape)
+        n_in, k, size = math.prod(self.a.shape[:-1]), 0, 1
+        while size < n_in:
+            size *= w.shape[k]
+            k += 1
+        if size != n_in:
+            raise ValueError(f"LoraWeight.reshape: {shape} splits an input axis of {self.w.shape} with an output axis")
+        return self.replace(w=w, a=self.a.reshape(*w.shape[:k], self.a.shape[-1]),
+                            b=self.b.reshape(self.b.shape[0], *w.shape[k:]))
+
     def project(self, eq: str, x):
         xs, rest = eq.split(",")
         ws, out = rest.split("->")

@@ -67,7 +67,9 @@ def attention(p: Params, x, rope, positions, segment_ids, kv, update: CacheUpdat
         out, ck, cv = kv_cache.attend_and_write(q, k, v, positions, segment_ids, ck, cv, layer, update, window,
                                                 itself)
         kv = (ck, cv, layer)
-    return project("BTNH,NHD->BTD", out, p["wo"]), kv
+    # Heads concatenated (E = N*H), then one product: as mistral-inference's wo(output.view(B, T, -1)).
+    wo = p["wo"]
+    return project("BTE,ED->BTD", out.reshape(*out.shape[:2], -1), wo.reshape(-1, wo.shape[-1])), kv
 
 
 def feed_forward(p: Params, x):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax.attention import dot_attention, make_mask, self_attention
+from mistral_jax.attention import blockwise_attention as self_attention
+from mistral_jax.attention import dot_attention, make_mask
 
 
 def brute_mask(q_pos, k_pos, q_seg, k_seg, w):
