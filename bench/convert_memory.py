@@ -1,6 +1,6 @@
 """Peak host memory of a checkpoint conversion (HF safetensors -> our orbax format, or -> hf / native).
 
-Builds a random mid-size model straight as safetensors with our streaming writer (no torch), then converts it
+Builds a random mid-size model straight as safetensors, shard by shard (no torch), then converts it
 in a child process and reports the child's peak RSS (VmHWM; see peak_rss) above a baseline child that imports the same
 modules and converts a tiny model (so interpreter, jax, orbax and tensorstore start-up are not counted).
 
@@ -28,39 +28,44 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mistral_jax import safetensors_io as st  # noqa: E402
+from mistral_jax import params as params_lib  # noqa: E402
 from mistral_jax.config import MistralConfig  # noqa: E402
 
 
-def make_random_hf(path: str, config: MistralConfig, dtype: str = "bfloat16", seed: int = 0,
-                   max_shard_bytes: float = 5e9) -> int:
-    """Writes config.json + model safetensors of random weights, one tensor in memory at a time.
-    Returns the weight bytes written."""
-    from mistral_jax.checkpoint import HF_NAMES, leaf_shapes, stored_shape
+def make_random_hf(path: str, config: MistralConfig, dtype: str = "bfloat16", seed: int = 0) -> int:
+    """Writes config.json + random weights as transformers safetensors, one shard per layer (and one for the
+    embedding and head), so that one layer's tensors are in memory at a time. Returns the weight bytes written."""
+    import safetensors.numpy
 
     np_dtype = _np(dtype)
     rng = np.random.default_rng(seed)
 
-    def rand(shape):
-        def fn():
-            return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np_dtype)
-        return fn
+    def rand(w):
+        shape = w.stored_shape(config)
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np_dtype)
 
-    items = []
-    for leaf in leaf_shapes(config):
-        names = ([HF_NAMES[leaf].format(l=l) for l in range(config.n_layers)] if leaf.startswith("layers/")
-                 else [HF_NAMES[leaf]])
-        shape = stored_shape(leaf, config)
-        items += [(n, st.LazyTensor(shape, np_dtype, rand(shape))) for n in names]
+    ws = params_lib.weights(config)
+    groups = [{w.hf: rand(w) for w in ws if not w.layered}]
+    groups += [{w.hf.format(l=i): rand(w) for w in ws if w.layered} for i in range(config.n_layers)]
+    total, weight_map = 0, {}
     os.makedirs(path, exist_ok=True)
-    st.save_sharded(path, items, max_shard_bytes=max_shard_bytes)
+    for i in range(len(groups)):
+        tensors, groups[i] = groups[i], {}  # written and dropped one shard at a time
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        safetensors.numpy.save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({t: name for t in tensors})
+        total += sum(x.nbytes for x in tensors.values())
+        del tensors
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({**config.to_hf(), "torch_dtype": dtype}, f)
-    return sum(int(np.prod(s.shape)) * np_dtype.itemsize for _, s in items)
+    return total
 
 
 def _child(src: str, dst: str, to: str, dtype: str | None) -> None:
     import jax  # noqa: F401  (initialize the backend the same way in both children)
+
     from mistral_jax import checkpoint
 
     jax.devices()
@@ -119,7 +124,9 @@ def measure(config: MistralConfig, workdir: str, dtype: str = "bfloat16", to: st
 
 
 def _np(dtype: str) -> np.dtype:
-    return st.DTYPES["BF16"] if dtype == "bfloat16" else np.dtype(dtype)
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
 
 
 def main(argv=None):

@@ -27,10 +27,14 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    src_fmt = checkpoint.detect_format(args.src)
-    config = checkpoint.convert(args.src, args.dst, to=args.to, dtype=args.dtype,
-                                max_shard_bytes=args.max_shard_gb * 1e9, overwrite=args.overwrite)
-    print(f"converted {args.src} ({src_fmt}) -> {args.dst} ({args.to}, {config.param_dtype}): "
+    try:
+        done = checkpoint.convert(args.src, args.dst, to=args.to, dtype=args.dtype,
+                                  max_shard_bytes=args.max_shard_gb * 1e9, overwrite=args.overwrite)
+    except (OSError, ValueError) as e:  # a missing or malformed source, an existing --dst
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config = done.config
+    print(f"converted {args.src} ({done.source_format}) -> {args.dst} ({args.to}, {done.dtype}): "
           f"{config.num_params / 1e6:.1f}M params, {config.n_layers} layers, window {config.sliding_window}, "
           f"in {time.perf_counter() - t0:.1f}s")
     return 0

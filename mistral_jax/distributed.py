@@ -127,26 +127,3 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
-
-def save_params(path: str, params, config, *, tokenizer: str | None = None) -> None:
-    """checkpoint.save on one process; on several, every process writes its own shards into one orbax
-    checkpoint (orbax coordinates the commit) and process 0 writes the config and tokenizer files.
-
-    The multi-process form writes straight into `path` (no atomic swap: the directory is shared); a crash
-    leaves no params/ commit marker, and checkpoint.load_params then fails naming the directory."""
-    from . import checkpoint
-
-    if jax.process_count() == 1:
-        return checkpoint.save(path, params, config, tokenizer=tokenizer)
-    checkpoint._check_tree(params, config)
-    path = os.path.abspath(os.fspath(path))
-    if is_main():
-        os.makedirs(path, exist_ok=True)
-    barrier("mistral_jax.save_params.mkdir")
-    ocp = checkpoint._ocp()
-    with checkpoint._checkpointer() as ckptr:
-        ckptr.save(os.path.join(path, checkpoint.ORBAX_PARAMS), args=ocp.args.PyTreeSave(params), force=True)
-    if is_main():
-        checkpoint._write_json(os.path.join(path, checkpoint.ORBAX_CONFIG), config.to_dict())
-        checkpoint._copy_tokenizer(path, tokenizer)
-    barrier("mistral_jax.save_params.done")
