@@ -20,7 +20,8 @@ import sys
 import jax
 
 from infer import convert, generate, score
-from mistral_jax import checkpoint, model
+from mistral_jax import checkpoint
+from mistral_jax import params as params_lib
 from mistral_jax.config import get_preset
 from mistral_jax.tokenizer import mistral_common_tokenizer
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     config = get_preset("tiny", vocab_size=32000, n_layers=4, dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2,
                         head_dim=32, sliding_window=32)
     print(f"1. random model: {config.num_params / 1e6:.1f}M params, window {config.sliding_window}")
-    params = model.init_params(config, jax.random.key(0))
+    params = jax.jit(params_lib.init_params, static_argnums=0)(config, jax.random.key(0))
     checkpoint.export_hf(f"{w}/hf", params, config, dtype="float32", tokenizer=mistral_common_tokenizer("v1"))
 
     print("2. python -m infer.convert --src hf --dst ckpt")

@@ -25,13 +25,9 @@ CHUNK = 1024  # rows scored (and written) at a time, so a huge file streams
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m infer.score", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="our checkpoint, or a transformers / Mistral directory")
+    launch.add_model_args(p, batch_size=8)
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--tokenizer", help="sentencepiece model (default: tokenizer.model in the checkpoint)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batch-size", type=int, default=8)
-    launch.add_args(p)
     return p.parse_args(argv)
 
 
@@ -62,7 +58,7 @@ def main(argv=None) -> int:
         c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="score"))
     batch_size = launch.batch_size(args.batch_size, mm)
     t0 = time.perf_counter()
-    m = api.load_model(args.checkpoint, args.dtype, args.tokenizer, shardings=mm.param_shardings)
+    m = api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm)
     c = m.config
     print(f"loaded {args.checkpoint}: {c.num_params / 1e6:.1f}M params, {args.dtype}, "
           f"window {c.sliding_window}, in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -70,7 +66,7 @@ def main(argv=None) -> int:
     total_nll, total_tokens, n_ok, n_err = 0.0, 0, 0, 0
     rows = jsonl.read_jsonl(args.input)
     with open(distributed.output_path(args.output), "w", encoding="utf-8") as out, \
-            tqdm(desc="score", unit="row") as bar, mm.activate():
+            tqdm(desc="score", unit="row") as bar:
         while True:
             chunk = [r for _, r in zip(range(CHUNK), rows)]
             if not chunk:
@@ -78,8 +74,7 @@ def main(argv=None) -> int:
             parsed = [row_ids(r, m.tokenizer, c.vocab_size, c.max_seq_len, args.input) for r in chunk]
             good = [i for i, (ids, _) in enumerate(parsed) if ids is not None]
             results = {}
-            for j, lp in scoring.score(m.params, c, [parsed[i][0] for i in good], batch_size,
-                                         place=mm.place, fetch=mm.fetch):
+            for j, lp in scoring.score(m.params, c, m.numerics, [parsed[i][0] for i in good], batch_size, mm):
                 results[good[j]] = lp
                 bar.update(1)
             for i, (row, (ids, err)) in enumerate(zip(chunk, parsed)):

@@ -1,9 +1,10 @@
-"""Start-up shared by the tools (infer.score, infer.generate, train.finetune): join the other hosts, build
-the mesh, check that the model divides over it and fits in memory, all before any weight is read.
+"""Start-up shared by the tools (infer.score, infer.generate, train.finetune): the common flags, joining the
+other hosts, building the mesh, checking that the model divides over it and fits in memory, all before any
+weight is read.
 
-  p = argparse.ArgumentParser(); launch.add_args(p)          # --mesh and the multi-host flags
+  p = argparse.ArgumentParser(); launch.add_model_args(p)   # --checkpoint ... --mesh and the multi-host flags
   mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(c, mesh, ...))
-  model = api.load_model(args.checkpoint, dtype, shardings=mm.param_shardings)
+  model = api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm)
   batch_size = launch.batch_size(args.batch_size, mm)
 """
 
@@ -11,17 +12,28 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
 from . import checkpoint, distributed, memory_plan, sharding
-from .config import MistralConfig
+from .config import DTYPES, MistralConfig
 
 
 def add_args(parser) -> None:
+    """--mesh (default: every device on fsdp, for every tool) and the multi-host flags."""
     sharding.add_mesh_arg(parser)
     distributed.add_args(parser)
+
+
+def add_model_args(parser, batch_size: int = 8) -> None:
+    """The flags of a tool that runs a checkpoint: --checkpoint --tokenizer --dtype --batch-size, then
+    add_args'."""
+    parser.add_argument("--checkpoint", required=True, help="our checkpoint, or a transformers / Mistral directory")
+    parser.add_argument("--tokenizer", help="sentencepiece model (default: tokenizer.model in the checkpoint)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    add_args(parser)
 
 
 def start(args, checkpoint_path: str, plan: Callable[[MistralConfig, object], memory_plan.Plan] | None = None,
@@ -59,10 +71,9 @@ def batch_size(requested: int, mm: sharding.ModelMesh) -> int:
 
 def exit_process(code: int) -> None:
     """Ends a batch tool's process once its output is written and closed: flushes stdout and stderr and, in a
-    single-process run, leaves with os._exit, skipping the interpreter's teardown of the XLA runtime (a
-    noticeable part of a second on the CPU, for a bare `import jax` too), which has nothing left to write. A
-    multi-process run exits normally, so that jax.distributed shuts down in step with the other processes.
-    Not for training tools, whose checkpoint writes may still be finishing in the background."""
+    single-process run, leaves with os._exit, skipping the interpreter's slow teardown of the XLA runtime, which
+    has nothing left to write. A multi-process run exits normally, so that jax.distributed shuts down in step
+    with the other processes. Not for training tools, whose checkpoint writes may still be finishing."""
     sys.stdout.flush()
     sys.stderr.flush()
     if jax.process_count() == 1:

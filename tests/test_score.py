@@ -6,12 +6,12 @@ import os
 
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
-
 from hf_models import make_hf_model
 from reference import hf_to_native
+
 from infer import score as score_cli
-from mistral_jax import safetensors_io
 
 # Each case: config overrides, row lengths. The first row lengths exceed the windows many times over,
 # and one row is long enough (> attention_block + W) to take the blockwise attention path.
@@ -81,7 +81,7 @@ def test_score_mistral_native_format(tmp_path, overrides):
     model, cfg, weights = make_hf_model(11, **overrides)
     native, params_json = hf_to_native(weights, cfg)
     os.makedirs(tmp_path / "native")
-    safetensors_io.save_file(tmp_path / "native" / "consolidated.safetensors", native)
+    safetensors.numpy.save_file(native, str(tmp_path / "native" / "consolidated.safetensors"))
     (tmp_path / "native" / "params.json").write_text(json.dumps(params_json))
     rows = _rows([44, 9, 70], cfg["vocab_size"], 3)
     _check(_run_score(tmp_path, tmp_path / "native", rows), model, rows)

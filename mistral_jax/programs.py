@@ -1,0 +1,97 @@
+"""The compiled generation programs: decode.prefill and decode.decode jitted once per (config, numerics, static
+arguments, mesh), their compilations counted, and JAX's persistent compilation cache, which lets a second run
+of a job skip compiling them.
+
+The programs' outputs are pinned to the mesh's batch and cache shardings, the same that ModelMesh.place and
+ModelMesh.cache give the inputs, so a state fed back from one call to the next never compiles again.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+from jax.sharding import Mesh
+
+from . import decode as decode_lib
+from .config import MistralConfig, Numerics
+from .sharding import ModelMesh, batch_sharding, cache_shardings
+
+_JITTED: dict[str, list] = {"prefill": [], "decode": []}  # every program made, by kind, for count()
+
+
+def prefill_program(config: MistralConfig, numerics: Numerics, chunk: int, mesh: ModelMesh):
+    """jit of decode.prefill for `chunk`: (params, tokens, lengths, cache) -> (logits, cache); the cache is
+    donated."""
+    return _prefill(config, numerics, chunk, mesh.mesh, mesh.rules)
+
+
+def decode_program(config: MistralConfig, numerics: Numerics, mesh: ModelMesh):
+    """jit of decode.decode: (params, state, max_steps, *, sampled, final) -> state; the state is donated."""
+    return _decode(config, numerics, mesh.mesh, mesh.rules)
+
+
+@functools.cache
+def _prefill(config: MistralConfig, numerics: Numerics, chunk: int, mesh: Mesh, rules):
+    fn = jax.jit(functools.partial(decode_lib.prefill, config=config, numerics=numerics, chunk=chunk),
+                 donate_argnames=("cache",),
+                 out_shardings=(batch_sharding(mesh, 2, rules), cache_shardings(mesh, rules)))
+    _JITTED["prefill"].append(fn)
+    return fn
+
+
+@functools.cache
+def _decode(config: MistralConfig, numerics: Numerics, mesh: Mesh, rules):
+    fn = jax.jit(functools.partial(decode_lib.decode, config=config, numerics=numerics),
+                 donate_argnames=("state",), static_argnames=("sampled", "final"),
+                 out_shardings=state_shardings(mesh, rules))
+    _JITTED["decode"].append(fn)
+    return fn
+
+
+def state_shardings(mesh: Mesh, rules) -> decode_lib.DecodeState:
+    """A DecodeState of shardings: rows over the batch axes, the cache as ModelMesh.cache lays it out."""
+    rows, table = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
+    return decode_lib.DecodeState(cache=cache_shardings(mesh, rules), logits=table, out=table, n=rows, pos=rows,
+                                  done=rows, reason=rows, seeds=rows, temperature=rows, top_k=rows, top_p=rows,
+                                  max_new=rows, stop_ids=table)
+
+
+def count(kind: str | None = None) -> int:
+    """Compiled programs held in this process: all, or those of `kind` ("prefill" / "decode")."""
+    kinds = _JITTED if kind is None else {kind: _JITTED[kind]}
+    return sum(fn._cache_size() for fns in kinds.values() for fn in fns)
+
+
+# ---- compilation time ---------------------------------------------------------------------------------------
+
+class CompileTimer:
+    """Adds up the seconds JAX spends tracing and compiling from its creation on (its /jax/core/compile/
+    monitoring events; a persistent-cache hit's retrieval is inside backend_compile_duration)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **_):
+        if event.startswith("/jax/core/compile/"):
+            self.seconds += duration
+
+
+@functools.cache
+def process_timer() -> CompileTimer:
+    """One timer for the process, made on first use (Generator's busy time leaves compilation out)."""
+    return CompileTimer()
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Turns on JAX's persistent compilation cache (default ~/.cache/mistral_jax/xla, or $MISTRAL_JAX_CACHE),
+    so a second run of the same job does not compile again. Returns the directory."""
+    path = path or os.environ.get("MISTRAL_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mistral_jax", "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
