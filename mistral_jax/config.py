@@ -295,17 +295,34 @@ def from_mapping(cls, data: dict, where: str = "config", **overrides):
     return cls(**{k: _coerce(v, hints[k], f"{where}: {k}") for k, v in data.items()})
 
 
-def from_yaml(cls, path: str, **overrides):
-    """An instance of dataclass `cls` from a YAML file (see from_mapping); errors name the file."""
+def read_yaml(path: str) -> dict:
+    """A YAML mapping from a file; numbers like 1e-4 are floats (YAML 1.1 would read them as strings)."""
+    import re
+
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=Loader)
     except FileNotFoundError:
         raise FileNotFoundError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    return from_mapping(cls, data, path, **overrides)
+    return data
+
+
+def from_yaml(cls, path: str, **overrides):
+    """An instance of dataclass `cls` from a YAML file (see from_mapping); errors name the file."""
+    return from_mapping(cls, read_yaml(path), path, **overrides)

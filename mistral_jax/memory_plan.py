@@ -6,8 +6,8 @@ the KV cache are exact (they are what the code allocates); activations are an es
 
 Training assumptions (docs/scaling.md states them next to the table):
   full  float32 master params + float32 gradients + AdamW mu and nu in float32: 16 bytes per param.
-  lora  frozen base params in the run dtype; the model's adapters (model.LoraSpec on every target: wq, wk,
-        wv, wo, w1, w2, w3) in float32 with their gradients and AdamW state: 16 bytes per adapter param.
+  lora  frozen base params in the run dtype; the adapters (lora.LoraConfig on every target: wq, wk, wv,
+        wo, w1, w2, w3) in float32 with their gradients and AdamW state: 16 bytes per adapter param.
   Activations with remat "full": each layer's input is saved, one layer is recomputed at a time.
 """
 
@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import kv_cache
-from . import model as model_lib
-from . import sharding
+from . import kv_cache, sharding
+from . import lora as lora_lib
+from . import params as params_lib
 from .config import MistralConfig
 
 GiB = 2**30
@@ -84,20 +83,19 @@ def _sharded_bytes(shape, names, itemsize, mesh, rules) -> int:
 
 def param_bytes(config: MistralConfig, mesh, itemsize: int, rules) -> int:
     """Per-device bytes of the param tree stored with `itemsize` bytes per element."""
-    axes = jax.tree.leaves(model_lib.param_logical_axes(config), is_leaf=sharding._is_names)
-    shapes = jax.tree.leaves(model_lib.param_shapes(config))
+    axes = jax.tree.leaves(params_lib.param_logical_axes(config), is_leaf=sharding._is_names)
+    shapes = jax.tree.leaves(params_lib.param_shapes(config))
     return sum(_sharded_bytes(s.shape, names, itemsize, mesh, rules) for names, s in zip(axes, shapes))
 
 
 def lora_bytes(config: MistralConfig, mesh, rank: int, rules) -> tuple[int, int]:
-    """(per-device bytes, total params) of the model's float32 LoRA adapters on every target, laid out by
-    the logical axes the model gives them."""
-    spec = model_lib.LoraSpec(rank=rank)
-    boxed = jax.eval_shape(lambda r: model_lib.Transformer(config, spec).init(
-        r, jnp.zeros((1, 1), jnp.int32))["lora"], jax.random.key(0))
-    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    per_device = sum(_sharded_bytes(p.value.shape, p.names, 4, mesh, rules) for p in leaves)
-    return per_device, sum(math.prod(p.value.shape) for p in leaves)
+    """(per-device bytes, total params) of float32 LoRA adapters of `rank` on every target, laid out by their
+    logical axes (lora.lora_logical_axes)."""
+    spec = lora_lib.LoraConfig(rank=rank)
+    axes = jax.tree.leaves(lora_lib.lora_logical_axes(config, spec), is_leaf=sharding._is_names)
+    shapes = jax.tree.leaves(lora_lib.lora_shapes(config, spec))
+    per_device = sum(_sharded_bytes(s.shape, names, 4, mesh, rules) for names, s in zip(axes, shapes))
+    return per_device, sum(math.prod(s.shape) for s in shapes)
 
 
 def cache_bytes(config: MistralConfig, mesh, batch: int, slots: int, itemsize: int, rules) -> int:

@@ -33,10 +33,10 @@ _REMAT_POLICIES = {
 
 
 def project(eq: str, x, w):
-    """einsum(eq, x, w) in x's dtype; a weight that is not an array computes its own product."""
-    if isinstance(w, jax.Array):
-        return jnp.einsum(eq, x, w.astype(x.dtype))
-    return w.project(eq, x)
+    """einsum(eq, x, w) in x's dtype; a weight with its own product (lora.LoraWeight) computes it."""
+    if hasattr(w, "project"):
+        return w.project(eq, x)
+    return jnp.einsum(eq, x, jnp.asarray(w).astype(x.dtype))
 
 
 def rms_norm(x, scale, eps: float):

@@ -1,13 +1,9 @@
 """The training step: masked cross-entropy, gradients accumulated over microbatches, an AdamW update that a
-non-finite loss skips. Pure functions over a state pytree, jitted once; the loop lives in trainer.py.
+non-finite loss skips. Pure functions over a `TrainState` (train_state.py), jitted once; the loop lives in
+trainer.py.
 
-State (a dict, so orbax saves and restores it as is):
-  step        int32 []   batches consumed so far (skipped ones included)
-  params      the trainable tree: the full params, or only the LoRA adapters (then the base is `frozen`)
-  opt_state   optax state for `params` only: frozen base weights get no optimizer state
-  rng         uint32 [2] key data; step i uses fold_in(rng, i), so a resumed run draws the same dropout masks
-  bad_streak  int32 []   non-finite losses in a row (the trainer aborts past a limit)
-  skipped     int32 []   updates skipped in total; the optimizer has applied `step - skipped` updates
+The trainable tree is the full params (full fine-tuning) or the LoRA adapters; with adapters the loss runs
+`model.forward(lora.attach(frozen, adapters, spec, dropout_rng), ...)`, so the model never sees LoRA.
 
 Batches are the dicts of data.pack / DataIterator: tokens, targets, positions, segment_ids [B, T] int32 and
 loss_mask [B, T] float32.
@@ -17,40 +13,67 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
+from . import lora as lora_lib
 from . import model as model_lib
-from .config import MistralConfig
-from .model import LoraSpec
+from .config import MistralConfig, Numerics
+from .lora import LoraConfig
+from .params import param_shapes
+from .sharding import ModelMesh
+from .train_state import TrainState, state_shardings
 
 Params = Any
-State = dict[str, Any]
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+F32 = Numerics()  # the default numerics: float32 params and compute
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
+    """AdamW with linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`
+    (None: the run's steps, see TrainConfig)."""
 
     lr: float = 1e-4
-    total_steps: int = 1000
+    total_steps: int | None = None
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0       # never applied to norm scales
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float | None = 1.0   # global-norm clipping; None or 0 = off
 
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"OptimizerConfig: {msg}")
+
+        if self.lr <= 0:
+            bad(f"lr must be positive, got {self.lr}")
+        if self.total_steps is not None and self.total_steps <= 0:
+            bad(f"total_steps must be positive, got {self.total_steps}")
+        if self.warmup_steps < 0:
+            bad(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def replace(self, **kw) -> OptimizerConfig:
+        return dataclasses.replace(self, **kw)
+
     def schedule(self) -> optax.Schedule:
-        warmup = min(self.warmup_steps, self.total_steps)
-        if warmup >= self.total_steps:
+        if self.total_steps is None:
+            raise ValueError("OptimizerConfig: total_steps is not set (TrainConfig sets it to the run's steps)")
+        total = self.total_steps
+        warmup = min(self.warmup_steps, total)
+        if warmup >= total:
             return optax.linear_schedule(0.0, self.lr, max(warmup, 1))
-        return optax.warmup_cosine_decay_schedule(0.0, self.lr, warmup, self.total_steps,
-                                                  end_value=self.lr * self.min_lr_ratio)
+        return optax.warmup_cosine_decay_schedule(0.0, self.lr, warmup, total, end_value=self.lr * self.min_lr_ratio)
 
 
 def decay_mask(params: Params) -> Params:
@@ -68,13 +91,6 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     return adamw
 
 
-def init_state(params: Params, optimizer: optax.GradientTransformation, seed: int) -> State:
-    """The state at step 0 for the trainable `params` (full params, or LoRA adapters)."""
-    return {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params),
-            "rng": jax.random.key_data(jax.random.key(seed)), "bad_streak": jnp.int32(0),
-            "skipped": jnp.int32(0)}
-
-
 # ---- loss --------------------------------------------------------------------------------------------------
 
 def token_nll(logits, targets):
@@ -83,19 +99,19 @@ def token_nll(logits, targets):
     return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
-def loss_sums(trainable: Params, frozen: Params | None, batch: dict, config: MistralConfig,
-              lora_spec: LoraSpec | None = None, dropout_rng=None):
+def loss_sums(trainable: Params, frozen: Params | None, batch: dict, *, config: MistralConfig,
+              numerics: Numerics = F32, lora_spec: LoraConfig | None = None, dropout_rng=None):
     """(sum of the token NLL over loss_mask, number of loss tokens), both float32 scalars.
 
     Sums, not a mean, so that microbatches and data-parallel shards add up to the exact big-batch loss:
     the step divides once by the token count of the whole global batch."""
+    chex.assert_equal_shape([batch[k] for k in BATCH_KEYS])
     if lora_spec is None:
-        params, lora = trainable, None
+        params = trainable
     else:
-        params, lora = frozen, trainable
-    use_dropout = lora_spec is not None and lora_spec.dropout > 0 and dropout_rng is not None
-    logits = model_lib.apply(params, config, batch["tokens"], batch["positions"], batch["segment_ids"],
-                             lora=lora, lora_spec=lora_spec, dropout_rng=dropout_rng if use_dropout else None)
+        params = lora_lib.attach(frozen, trainable, lora_spec, dropout_rng)
+    logits = model_lib.forward(params, batch["tokens"], batch["positions"], batch["segment_ids"], config=config,
+                               numerics=numerics)
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(token_nll(logits, batch["targets"]) * mask), jnp.sum(mask)
 
@@ -112,19 +128,21 @@ def _microbatches(batch: dict, n: int) -> dict:
 
 
 def accumulate_grads(trainable: Params, frozen: Params | None, batch: dict, rng, *, config: MistralConfig,
-                     lora_spec: LoraSpec | None = None, grad_accum: int = 1):
+                     numerics: Numerics = F32, lora_spec: LoraConfig | None = None, grad_accum: int = 1):
     """(grads, loss, loss-token count) of the global `batch` [B, T], run as `grad_accum` microbatches of
     B / grad_accum rows (a scan, so one microbatch's activations live at a time).
 
     The gradient is that of the mean NLL over all loss tokens of the batch: per-microbatch sums are added and
     divided once by the total count, so 4 microbatches of 2 rows give exactly the gradient of one batch of 8
     (a mean of per-microbatch means would weigh a token by the size of its microbatch)."""
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    loss = functools.partial(loss_sums, config=config, numerics=numerics, lora_spec=lora_spec)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    use_dropout = lora_spec is not None and lora_spec.dropout > 0
 
     def micro(carry, xs):
         i, mb = xs
         g_acc, s_acc, n_acc = carry
-        (s, n), g = grad_fn(trainable, frozen, mb, config, lora_spec, jax.random.fold_in(rng, i))
+        (s, n), g = grad_fn(trainable, frozen, mb, dropout_rng=jax.random.fold_in(rng, i) if use_dropout else None)
         return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
@@ -139,95 +157,90 @@ def accumulate_grads(trainable: Params, frozen: Params | None, batch: dict, rng,
     return grads, loss_sum / denom, count
 
 
-def train_step(state: State, frozen: Params | None, batch: dict, *, config: MistralConfig,
-               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               lora_spec: LoraSpec | None = None, grad_accum: int = 1) -> tuple[State, dict]:
+def train_step(state: TrainState, frozen: Params | None, batch: dict, *, config: MistralConfig,
+               numerics: Numerics, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               lora_spec: LoraConfig | None = None, grad_accum: int = 1) -> tuple[TrainState, dict]:
     """One optimizer step on the global `batch` (see accumulate_grads for the gradient).
 
     A non-finite loss or gradient norm leaves params and opt_state as they were and bumps bad_streak and
     skipped. Returns (new state, metrics: loss, grad_norm (before clipping), lr, loss_tokens, tokens
     (non-padding inputs), skipped, and the new bad_streak and skipped_total)."""
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    trainable = state["params"]
-    grads, loss, count = accumulate_grads(trainable, frozen, batch, rng, config=config, lora_spec=lora_spec,
-                                          grad_accum=grad_accum)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    trainable = state.params
+    grads, loss, count = accumulate_grads(trainable, frozen, batch, rng, config=config, numerics=numerics,
+                                          lora_spec=lora_spec, grad_accum=grad_accum)
     grad_norm = optax.tree.norm(grads)
 
-    updates, new_opt = optimizer.update(grads, state["opt_state"], trainable)
+    updates, new_opt = optimizer.update(grads, state.opt_state, trainable)
     new_params = optax.apply_updates(trainable, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
-    new_state = {
-        "step": state["step"] + 1,
-        "params": keep(new_params, trainable),
-        "opt_state": keep(new_opt, state["opt_state"]),
-        "rng": state["rng"],
-        "bad_streak": jnp.where(ok, 0, state["bad_streak"] + 1).astype(jnp.int32),
-        "skipped": state["skipped"] + (~ok).astype(jnp.int32),
-    }
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"] - state["skipped"]),
+    new_state = state.replace(step=state.step + 1, params=keep(new_params, trainable),
+                              opt_state=keep(new_opt, state.opt_state),
+                              bad_streak=jnp.where(ok, 0, state.bad_streak + 1).astype(jnp.int32),
+                              skipped=state.skipped + (~ok).astype(jnp.int32))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - state.skipped),
                "loss_tokens": count, "tokens": jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32),
-               "skipped": ~ok, "bad_streak": new_state["bad_streak"], "skipped_total": new_state["skipped"]}
+               "skipped": ~ok, "bad_streak": new_state.bad_streak, "skipped_total": new_state.skipped}
     return new_state, metrics
 
 
-def jit_train_step(config: MistralConfig, opt_cfg: OptimizerConfig, lora_spec: LoraSpec | None = None,
-                   grad_accum: int = 1, shardings: tuple | None = None) -> Callable:
-    """jit(train_step) with the state donated. `shardings` = (state, frozen, batch) sharding trees pins the
-    layout of inputs and of the new state (the mesh's logical-axis rules must be active while it traces).
+# ---- jitted, and laid out on a mesh ---------------------------------------------------------------------------
 
-    Without shardings the jitted function is cached on its (hashable) settings, so runs of one process that
-    share them (a resumed run, tests, the demo) trace and compile once."""
-    if shardings is None:
-        return _jit_train_step(config, opt_cfg, lora_spec, grad_accum)
-    return _jit_train_step.__wrapped__(config, opt_cfg, lora_spec, grad_accum, shardings)
-
-
-@functools.lru_cache(maxsize=16)
-def _jit_train_step(config, opt_cfg, lora_spec, grad_accum, shardings=None):
-    fn = functools.partial(train_step, config=config, optimizer=make_optimizer(opt_cfg),
-                           schedule=opt_cfg.schedule(), lora_spec=lora_spec, grad_accum=grad_accum)
-    if shardings is None:
-        return jax.jit(fn, donate_argnums=0)
-    state_sh, frozen_sh, batch_sh = shardings
-    return jax.jit(fn, donate_argnums=0, in_shardings=(state_sh, frozen_sh, batch_sh),
-                   out_shardings=(state_sh, None))
-
-
-# ---- layout on a mesh -------------------------------------------------------------------------------------
-
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
-
-
-def trainable_shardings(mm, config: MistralConfig, lora_spec: LoraSpec | None = None):
+def trainable_shardings(mm, config: MistralConfig, lora_spec: LoraConfig | None = None):
     """Shardings of the trainable tree on the sharding.ModelMesh `mm`: the params' for full fine-tuning, the
     adapters' logical axes for LoRA (the frozen base keeps mm.param_shardings)."""
     if lora_spec is None:
         return mm.param_shardings
-    return mm.logical_shardings(model_lib.lora_logical_axes(config, lora_spec))
-
-
-def state_shardings(mm, abstract_state: State, trainable_sh) -> State:
-    """Shardings of a train state (init_state's tree, abstract): params as `trainable_sh`, optimizer state
-    laid out like the params it tracks, the scalars and RNG replicated."""
-    from .sharding import like_params
-
-    repl = jax.sharding.NamedSharding(mm.mesh, jax.sharding.PartitionSpec())
-    out = jax.tree.map(lambda _: repl, abstract_state)
-    out["params"] = trainable_sh
-    out["opt_state"] = like_params(abstract_state["opt_state"], trainable_sh, mm.mesh)
-    return out
+    return mm.logical_shardings(lora_lib.lora_logical_axes(config, lora_spec))
 
 
 def batch_shardings(mm) -> dict:
     """Shardings of a batch dict: rows over the batch axes (data, fsdp)."""
-    from .sharding import batch_sharding
-
-    s = batch_sharding(mm.mesh, 2, mm.rules)
+    s = mm.batch_sharding(2)
     return {k: s for k in BATCH_KEYS}
 
 
+def trainable_shapes(config: MistralConfig, numerics: Numerics, lora_spec: LoraConfig | None = None):
+    """The trainable tree as ShapeDtypeStructs: the params in numerics.param_dtype, or the f32 adapters."""
+    if lora_spec is None:
+        return param_shapes(config, numerics.param_dtype)
+    return lora_lib.lora_shapes(config, lora_spec)
+
+
+def layout(mm, config: MistralConfig, numerics: Numerics, opt_cfg: OptimizerConfig,
+           lora_spec: LoraConfig | None = None) -> tuple[TrainState, TrainState]:
+    """(abstract state, its shardings) of a run on the ModelMesh `mm`."""
+    optimizer = make_optimizer(opt_cfg)
+    abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer, 0),
+                              trainable_shapes(config, numerics, lora_spec))
+    return abstract, state_shardings(mm, abstract, trainable_shardings(mm, config, lora_spec))
+
+
+def jit_train_step(config: MistralConfig, opt_cfg: OptimizerConfig, *, numerics: Numerics = F32,
+                   lora_spec: LoraConfig | None = None, grad_accum: int = 1, mm=None) -> Callable:
+    """jit(train_step) with the state donated: (state, frozen, batch) -> (state, metrics). With the
+    sharding.ModelMesh `mm` the inputs and the new state are pinned to the trainer's layout (trace it inside
+    mm.activate()). Cached on its settings and mesh, so runs of one process that share them (a resumed run,
+    tests, the demo) trace and compile once."""
+    return _jit_train_step(config, numerics, opt_cfg, lora_spec, grad_accum, None if mm is None else mm.mesh)
+
+
 @functools.lru_cache(maxsize=16)
-def jit_eval_step(config: MistralConfig, lora_spec: LoraSpec | None = None) -> Callable:
+def _jit_train_step(config, numerics, opt_cfg, lora_spec, grad_accum, mesh):
+    fn = functools.partial(train_step, config=config, numerics=numerics, optimizer=make_optimizer(opt_cfg),
+                           schedule=opt_cfg.schedule(), lora_spec=lora_spec, grad_accum=grad_accum)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0)
+    mm = ModelMesh(mesh, config)
+    _, state_sh = layout(mm, config, numerics, opt_cfg, lora_spec)
+    frozen_sh = None if lora_spec is None else mm.param_shardings
+    return jax.jit(fn, donate_argnums=0, in_shardings=(state_sh, frozen_sh, batch_shardings(mm)),
+                   out_shardings=(state_sh, None))
+
+
+@functools.lru_cache(maxsize=16)
+def jit_eval_step(config: MistralConfig, numerics: Numerics = F32,
+                  lora_spec: LoraConfig | None = None) -> Callable:
     """jit(loss_sums) without dropout: (trainable, frozen, batch) -> (NLL sum, loss-token count)."""
-    return jax.jit(functools.partial(loss_sums, config=config, lora_spec=lora_spec))
+    return jax.jit(functools.partial(loss_sums, config=config, numerics=numerics, lora_spec=lora_spec))

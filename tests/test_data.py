@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from mistral_jax.config import get_preset
+from mistral_jax.config import Numerics, get_preset
 from mistral_jax.data import KEYS, DataIterator, Example, load_examples, pack
-from mistral_jax.model import forward, param_shapes
+from mistral_jax.model import forward
+from mistral_jax.params import param_shapes
 from mistral_jax.tokenizer import Tokenizer
 
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
@@ -130,12 +131,13 @@ def random_params(config, seed=0):
             return np.ones(leaf.shape, leaf.dtype)
         return rng.normal(0, 0.05, leaf.shape).astype(leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
+    return jax.tree_util.tree_map_with_path(lambda p, leaf: jax.numpy.asarray(draw(p, leaf)), param_shapes(config))
 
 
 def test_packed_logits_equal_each_example_alone():
     # Window 4 with examples up to 12 tokens: the window, not only the segment mask, shapes attention.
-    config = get_preset("tiny", sliding_window=4, attention_block=8, vocab_size=1000)
+    config = get_preset("tiny", sliding_window=4, vocab_size=1000)
+    numerics = Numerics(attention_block=8)
     params = random_params(config)
     rng = np.random.default_rng(0)
     lengths = [12, 3, 7, 9, 5, 6, 1]
@@ -145,14 +147,15 @@ def test_packed_logits_equal_each_example_alone():
     assert packed["tokens"].shape[0] < len(examples)
     assert (packed["segment_ids"] > 0).sum() == sum(lengths)
 
-    logits = forward(params, config, packed["tokens"], packed["positions"], packed["segment_ids"])
+    logits = forward(params, packed["tokens"], packed["positions"], packed["segment_ids"], config=config,
+                     numerics=numerics)
     # Each example alone: a row of its own from position 0, one segment (the defaults). Attention is causal,
     # so the filler after a short example cannot reach its logits, and one batch serves every lone run (one
     # compile instead of one per length).
     lone = np.full((len(examples), max(lengths)), 7, np.int32)
     for i, ex in enumerate(examples):
         lone[i, : len(ex.ids)] = ex.ids
-    lone_logits = forward(params, config, lone)
+    lone_logits = forward(params, lone, config=config, numerics=numerics)
     alone = {tuple(ex.ids): lone_logits[i, : len(ex.ids)] for i, ex in enumerate(examples)}
     seen = 0
     for r, sl in segments(packed):

@@ -1,6 +1,7 @@
 """Tests for mistral_jax.train_step: the loss against an independent cross-entropy, LoRA at step 0 and merged,
 gradient accumulation against the big batch, the non-finite skip, the weight-decay mask."""
 
+import functools
 import json
 
 import jax
@@ -10,15 +11,19 @@ import optax
 import pytest
 import torch
 
+from mistral_jax import lora as lora_lib
 from mistral_jax import model as model_lib
+from mistral_jax import params as params_lib
 from mistral_jax import train_step as ts
-from mistral_jax.config import get_preset
+from mistral_jax.config import Numerics, get_preset
 from mistral_jax.data import DataIterator, load_examples, pack
-from mistral_jax.model import LoraSpec
+from mistral_jax.lora import LoraConfig
 from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.train_state import TrainState
 from chats import user, asst  # noqa: E402
 
-CONFIG = get_preset("tiny", dtype="float32", param_dtype="float32")
+CONFIG = get_preset("tiny")
+F32 = Numerics()  # float32 params and compute
 
 
 CONVERSATIONS = [
@@ -56,7 +61,7 @@ def random_params(config, seed=0):
             return jnp.asarray(1 + 0.1 * rng.standard_normal(s.shape), s.dtype)
         return jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype)
 
-    return jax.tree_util.tree_map_with_path(leaf, model_lib.param_shapes(config))
+    return jax.tree_util.tree_map_with_path(leaf, params_lib.param_shapes(config))
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +70,23 @@ def params():
 
 
 # One jitted function per module, so tests that share shapes share the compiled program.
-_GRADS = jax.jit(ts.accumulate_grads, static_argnames=("config", "lora_spec", "grad_accum"))
+_GRADS = jax.jit(ts.accumulate_grads, static_argnames=("config", "numerics", "lora_spec", "grad_accum"))
 
 
-def grads(params, batch, config=CONFIG, grad_accum=1):
+def grads(params, batch, numerics=F32, grad_accum=1):
     """(grads, loss, count) of the full-model loss; always the same call signature, so one compile per shape."""
-    return _GRADS(params, None, batch, jax.random.key(0), config=config, lora_spec=None, grad_accum=grad_accum)
-LOSS = jax.jit(ts.loss_sums, static_argnums=(3, 4))
-APPLY = jax.jit(model_lib.apply, static_argnums=1, static_argnames="lora_spec")
+    return _GRADS(params, None, batch, jax.random.key(0), config=CONFIG, numerics=numerics, lora_spec=None,
+                  grad_accum=grad_accum)
+
+
+LOSS = jax.jit(ts.loss_sums, static_argnames=("config", "numerics", "lora_spec"))
+FORWARD = jax.jit(model_lib.forward, static_argnames=("config", "numerics"))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def lora_logits(params, adapters, spec, tokens):
+    """Logits of the base `params` with `adapters` attached (lora.attach, no dropout)."""
+    return model_lib.forward(lora_lib.attach(params, adapters, spec), tokens, config=CONFIG)
 
 
 def batch_of(packed, n):
@@ -98,12 +112,12 @@ def test_loss_is_cross_entropy_over_assistant_tokens_only(tok, packed, params):
     run alone through the model."""
     rows = packed["tokens"].shape[0]
     assert rows < len(CONVERSATIONS)  # several examples share a row
-    s, n = LOSS(params, None, batch_of(packed, rows), CONFIG, None)
+    s, n = LOSS(params, None, batch_of(packed, rows), config=CONFIG, numerics=F32)
     encoded = [assistant_targets(tok, messages) for messages in CONVERSATIONS]
     alone = np.zeros((len(encoded), 48), np.int32)  # one example per row; causal, so the padding after is inert
     for i, (ids, _) in enumerate(encoded):
         alone[i, : len(ids)] = ids
-    all_logits = np.asarray(model_lib.forward(params, CONFIG, jnp.asarray(alone)), np.float64)
+    all_logits = np.asarray(FORWARD(params, jnp.asarray(alone), config=CONFIG), np.float64)
     nll, count = [], 0
     for (ids, targets), logits in zip(encoded, all_logits):
         t = torch.tensor(targets)
@@ -116,13 +130,13 @@ def test_loss_is_cross_entropy_over_assistant_tokens_only(tok, packed, params):
 
 # LoRA on a subset of targets, with both layouts of attention (wq [D, N, H]; wo [N, H, D]) and an MLP matrix.
 # (Dropout, which doubles the compile time of the step, is exercised by the trainer's LoRA runs.)
-LORA_SPEC = LoraSpec(rank=4, alpha=8.0, targets=("q", "v", "o", "down"))
+LORA_SPEC = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "down"))
 
 
 @pytest.fixture(scope="module")
 def lora0():
     """init_lora's adapters on the host (each test makes its own device copy: steps donate their state)."""
-    return jax.device_get(model_lib.init_lora(CONFIG, LORA_SPEC, jax.random.key(1)))
+    return jax.device_get(lora_lib.init_lora(CONFIG, LORA_SPEC, jax.random.key(1)))
 
 
 def test_lora_step0_is_base_and_merge_equals_adapter(packed, params, lora0):
@@ -131,44 +145,44 @@ def test_lora_step0_is_base_and_merge_equals_adapter(packed, params, lora0):
     assert all(not np.any(x) for k, x in jax.tree_util.tree_leaves_with_path(lora0)
                if jax.tree_util.keystr(k).endswith("_b']"))  # B starts at zero
     tokens = jnp.asarray(batch_of(packed, len(CONVERSATIONS))["tokens"])  # the loss test's shape: compiled once
-    base = model_lib.forward(params, CONFIG, tokens)
-    np.testing.assert_array_equal(APPLY(params, CONFIG, tokens, lora=lora, lora_spec=spec), base)
+    base = FORWARD(params, tokens, config=CONFIG)
+    np.testing.assert_array_equal(lora_logits(params, lora, spec, tokens), base)
 
     # Non-zero B (as after training): the merged weights give the adapter model's logits.
     rng = np.random.default_rng(2)
     lora = jax.tree.map(lambda x: jnp.asarray(x + 0.05 * rng.standard_normal(x.shape, np.float32)), lora0)
-    adapted = APPLY(params, CONFIG, tokens, lora=lora, lora_spec=spec)
-    merged = model_lib.forward(model_lib.merge_lora(params, lora, spec), CONFIG, tokens)
+    adapted = lora_logits(params, lora, spec, tokens)
+    merged = FORWARD(lora_lib.merge_lora(params, lora, spec), tokens, config=CONFIG)
     assert float(jnp.max(jnp.abs(adapted - base))) > 1e-2
     np.testing.assert_allclose(merged, adapted, atol=2e-5, rtol=1e-5)
 
 
 # The LoRA step of the next two tests: bf16 matmuls over f32 adapters (master weights).
-LORA_CONFIG = CONFIG.replace(dtype="bfloat16")
+BF16 = Numerics(dtype="bfloat16")
 OPT = ts.OptimizerConfig(lr=1e-2, total_steps=10, warmup_steps=0)
 
 
 def lora_state(lora0):
-    return ts.init_state(jax.tree.map(jnp.asarray, lora0), ts.make_optimizer(OPT), seed=0)
+    return TrainState.create(jax.tree.map(jnp.asarray, lora0), ts.make_optimizer(OPT), seed=0)
 
 
 def test_lora_step_trains_adapters_only(packed, params, lora0):
     state = lora_state(lora0)
-    lora_leaves = len(jax.tree.leaves(state["params"]))
-    assert sorted(state["params"]["layers"]["attention"]) == ["wo_a", "wo_b", "wq_a", "wq_b", "wv_a", "wv_b"]
-    assert sorted(state["params"]["layers"]["feed_forward"]) == ["w2_a", "w2_b"]
+    lora_leaves = len(jax.tree.leaves(state.params))
+    assert sorted(state.params["layers"]["attention"]) == ["wo_a", "wo_b", "wq_a", "wq_b", "wv_a", "wv_b"]
+    assert sorted(state.params["layers"]["feed_forward"]) == ["w2_a", "w2_b"]
     # Optimizer state covers the adapters alone: mu and nu hold one leaf per adapter leaf, none per base leaf.
-    assert len(jax.tree.leaves(state["opt_state"])) == 2 * lora_leaves + 2  # + adam's and the schedule's counts
-    step = ts.jit_train_step(LORA_CONFIG, OPT, LORA_SPEC)
+    assert len(jax.tree.leaves(state.opt_state)) == 2 * lora_leaves + 2  # + adam's and the schedule's counts
+    step = ts.jit_train_step(CONFIG, OPT, numerics=BF16, lora_spec=LORA_SPEC)
     frozen_before = jax.tree.map(np.asarray, params)
     batch = batch_of(packed, 8)
     _, f32_loss, _ = grads(params, batch)  # the base model's loss
     state, m0 = step(state, params, batch)
     state, m1 = step(state, params, batch)
     jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.tree.map(np.asarray, params))
-    assert float(jnp.abs(state["params"]["layers"]["attention"]["wq_b"]).max()) > 0  # B moved off zero
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["opt_state"]) if x.ndim)
+    assert float(jnp.abs(state.params["layers"]["attention"]["wq_b"]).max()) > 0  # B moved off zero
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if x.ndim)
     # Step 0 is the base model (B = 0): its loss in bf16 is the f32 loss to bf16 precision.
     np.testing.assert_allclose(float(m0["loss"]), float(f32_loss), rtol=2e-2)
     assert float(m1["loss"]) < float(m0["loss"])
@@ -195,7 +209,7 @@ def test_grad_accumulation_equals_big_batch(packed, params):
 
 
 def test_nonfinite_loss_skips_the_update(packed, params, lora0):
-    step = ts.jit_train_step(LORA_CONFIG, OPT, LORA_SPEC)
+    step = ts.jit_train_step(CONFIG, OPT, numerics=BF16, lora_spec=LORA_SPEC)
     good = batch_of(packed, 8)
     bad = dict(good, loss_mask=np.where(good["loss_mask"] > 0, np.nan, 0).astype(np.float32))
     state, m = step(lora_state(lora0), params, good)
@@ -205,15 +219,15 @@ def test_nonfinite_loss_skips_the_update(packed, params, lora0):
         assert bool(m["skipped"]) and not np.isfinite(float(m["loss"]))
         assert int(m["bad_streak"]) == i + 1 and int(m["skipped_total"]) == i + 1
     after = jax.device_get(state)
-    jax.tree.map(np.testing.assert_array_equal, before["params"], after["params"])
-    jax.tree.map(np.testing.assert_array_equal, before["opt_state"], after["opt_state"])
-    assert int(after["step"]) == 3 and int(after["skipped"]) == 2
+    jax.tree.map(np.testing.assert_array_equal, before.params, after.params)
+    jax.tree.map(np.testing.assert_array_equal, before.opt_state, after.opt_state)
+    assert int(after.step) == 3 and int(after.skipped) == 2
     # The next good step resumes the schedule where the last applied update left it (update #2).
     state, m = step(state, params, good)
     assert not bool(m["skipped"]) and int(m["bad_streak"]) == 0
     np.testing.assert_allclose(float(m["lr"]), float(OPT.schedule()(1)), rtol=1e-6)
-    assert not np.array_equal(jax.device_get(state["params"])["layers"]["attention"]["wq_b"],
-                              after["params"]["layers"]["attention"]["wq_b"])
+    assert not np.array_equal(jax.device_get(state.params)["layers"]["attention"]["wq_b"],
+                              after.params["layers"]["attention"]["wq_b"])
 
 
 def test_schedule_and_decay_mask(params):
@@ -237,7 +251,7 @@ def test_schedule_and_decay_mask(params):
 def test_remat_gives_the_same_grads(packed, params):
     batch = batch_of(packed, 8)
     g, loss, _ = grads(params, batch)
-    g_remat, loss_remat, _ = grads(params, batch, config=CONFIG.replace(remat="dots"))
+    g_remat, loss_remat, _ = grads(params, batch, numerics=F32.replace(remat="dots"))
     np.testing.assert_allclose(float(loss_remat), float(loss), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g)):
         np.testing.assert_allclose(a, b, atol=1e-6)

@@ -14,9 +14,14 @@ import pytest
 import torch
 
 from mistral_jax import checkpoint
+from mistral_jax import config as config_lib
 from mistral_jax import model as model_lib
-from mistral_jax.config import get_preset
-from mistral_jax.trainer import NonFiniteLossError, TrainConfig, Trainer, checkpoint_manager
+from mistral_jax import params as params_lib
+from mistral_jax.config import Numerics, get_preset
+from mistral_jax.lora import LoraConfig
+from mistral_jax.train_config import TrainConfig
+from mistral_jax.train_step import OptimizerConfig
+from mistral_jax.trainer import NonFiniteLossError, Trainer, checkpoint_manager
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,9 +48,9 @@ def make_cfg(data, output, base_dir, **kw) -> TrainConfig:
     # Full fine-tuning of the random tiny model in base_dir (a checkpoint: no init program to compile). Four short
     # conversations pack into one row of 64 tokens; batch 2 adds a padding row.
     base = dict(init=str(base_dir), train=str(data / "train.jsonl"), eval=str(data / "eval.jsonl"), output=str(output),
-                tokenizer="mistral-common:v1", seq_len=64, batch_size=2, steps=60, lr=1e-2, warmup_steps=3,
-                dtype="float32", checkpoint_every=20, eval_every=20, log_every=1, keep_checkpoints=2,
-                progress=False)
+                tokenizer="mistral-common:v1", seq_len=64, batch_size=2, steps=60,
+                optimizer=OptimizerConfig(lr=1e-2, warmup_steps=3), numerics=Numerics(dtype="float32"),
+                checkpoint_every=20, eval_every=20, log_every=1, keep_checkpoints=2, progress=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -67,7 +72,7 @@ def base_dir(tmp_path_factory, v1_tokenizer_path):
     params = jax.tree_util.tree_map_with_path(
         lambda path, s: (1.0 if "norm" in jax.tree_util.keystr(path) else 0.0) + 0.02 * rng.standard_normal(s.shape,
                                                                                                           np.float32),
-        model_lib.param_shapes(config))
+        params_lib.param_shapes(config))
     checkpoint.save(str(d), params, config)
     shutil.copy(v1_tokenizer_path, d / "tokenizer.model")
     return d
@@ -75,8 +80,8 @@ def base_dir(tmp_path_factory, v1_tokenizer_path):
 
 def lora_kw():
     # tokenizer None: the tokenizer.model beside the base weights
-    return dict(tokenizer=None, lora_rank=4, lora_alpha=8.0, lora_dropout=0.1,
-                lora_targets=("q", "k", "v", "o", "gate", "up", "down"))
+    return dict(tokenizer=None, lora=LoraConfig(rank=4, alpha=8.0, dropout=0.1,
+                                                targets=("q", "k", "v", "o", "gate", "up", "down")))
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +210,8 @@ def spy(*args, **kw):  # records the shardings of what the jitted step receives
     fn = jit_train_step(*args, **kw)
     def call(state, frozen, batch):
         spec = lambda tree: jax.tree.map(lambda x: list(x.sharding.spec), tree)
-        seen.setdefault("params", spec(state["params"]))
-        seen.setdefault("mu", spec(optax.tree_utils.tree_get(state["opt_state"], "mu")))
+        seen.setdefault("params", spec(state.params))
+        seen.setdefault("mu", spec(optax.tree_utils.tree_get(state.opt_state, "mu")))
         seen.setdefault("frozen", spec(frozen))
         seen.setdefault("batch", spec(batch))
         return fn(state, frozen, batch)
@@ -287,7 +292,8 @@ def test_peft_adapter_gives_the_merged_model_logits(lora_run, base_dir, tmp_path
         peft_model = PeftModel.from_pretrained(base, adapter).eval()
         peft_logits = peft_model(torch.from_numpy(tokens)).logits.numpy()
 
-    ours = np.asarray(model_lib.forward(checkpoint.load_params(str(lora_run / "final")), config, tokens))
+    ours = np.asarray(model_lib.forward(checkpoint.load_params(str(lora_run / "final")), jax.numpy.asarray(tokens),
+                                        config=config))
     assert np.abs(peft_logits - base_logits).max() > 1e-2  # the adapters moved the model
     np.testing.assert_allclose(peft_logits, ours, atol=1e-4)
 
@@ -315,20 +321,39 @@ def test_config_file_and_flags(data, tmp_path, capsys):
     from train import finetune
 
     yaml_path = tmp_path / "run.yaml"
-    yaml_path.write_text("init: tiny\nlr: 3e-4\nlora_rank: 8\nlora_targets: [q, v]\nsteps: 7\n")
-    cfg = TrainConfig.from_yaml(str(yaml_path), steps=9, output="x")
-    assert (cfg.lr, cfg.lora_rank, cfg.lora_targets, cfg.steps, cfg.output) == (3e-4, 8, ("q", "v"), 9, "x")
-    assert cfg.lora_spec.rank == 8 and cfg.lora_spec.targets == ("q", "v")
+    # v0.1's flat keys still read, each into its section (with a one-line note); flags override the file.
+    yaml_path.write_text("init: tiny\nlr: 3e-4\nlora_rank: 8\nlora_targets: [q, v]\nsteps: 7\ndtype: float32\n"
+                         "adam_b1: 0.8\nmodel: {dim: 128, attention_block: 64}\n")
+    cfg = TrainConfig.load(str(yaml_path), steps=9, output="x")
+    assert (cfg.optimizer.lr, cfg.lora.rank, cfg.lora.targets, cfg.steps, cfg.output) == (3e-4, 8, ("q", "v"), 9, "x")
+    assert (cfg.optimizer.b1, cfg.numerics.dtype, cfg.numerics.attention_block, cfg.model) == (0.8, "float32", 64,
+                                                                                               {"dim": 128})
+    assert "note: " in capsys.readouterr().err
+    # The nested form says the same; config.from_yaml reads it too.
+    yaml_path.write_text("init: tiny\nsteps: 7\nmodel: {dim: 128}\noptimizer: {lr: 3.0e-4, b1: 0.8}\n"
+                         "lora: {rank: 8, targets: [q, v]}\n"
+                         "numerics: {param_dtype: float32, dtype: float32, attention_block: 64}\n")
+    nested = TrainConfig.load(str(yaml_path), steps=9, output="x")
+    assert nested == cfg == config_lib.from_yaml(TrainConfig, str(yaml_path), steps=9, output="x")
+    assert TrainConfig.load(str(yaml_path), lora_rank=0).lora is None  # --lora-rank 0: full fine-tuning
+    assert TrainConfig.load(str(yaml_path), lora_rank=4).lora == LoraConfig(rank=4, targets=("q", "v"))
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
     yaml_path.write_text("init: tiny\nlearning_rate: 3e-4\n")
-    with pytest.raises(ValueError, match=r"run\.yaml: unknown key 'learning_rate'"):
-        TrainConfig.from_yaml(str(yaml_path))
+    with pytest.raises(ValueError, match=r"run\.yaml: unknown keys \['learning_rate'\]"):
+        TrainConfig.load(str(yaml_path))
     yaml_path.write_text("init: tiny\nsteps: many\n")
-    with pytest.raises(ValueError, match=r"run\.yaml: key 'steps' must be an integer"):
-        TrainConfig.from_yaml(str(yaml_path))
+    with pytest.raises(ValueError, match=r"run\.yaml: steps: expected an integer"):
+        TrainConfig.load(str(yaml_path))
+    yaml_path.write_text("init: tiny\noptimizer: {lr: fast}\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: optimizer: lr: expected a number"):
+        TrainConfig.load(str(yaml_path))
+    yaml_path.write_text("init: tiny\nlr: 1e-4\noptimizer: {lr: 1e-4}\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: lr and optimizer\.lr both given"):
+        TrainConfig.load(str(yaml_path))
     yaml_path.write_text("init: tiny\nmodel: {dimension: 3}\n")
     with pytest.raises(ValueError, match="unknown MistralConfig field 'dimension'"):
-        TrainConfig.from_yaml(str(yaml_path))
+        TrainConfig.load(str(yaml_path))
 
     # Flags override the file; every row is validated before any weight is read.
     bad = tmp_path / "bad.jsonl"
@@ -341,11 +366,12 @@ def test_config_file_and_flags(data, tmp_path, capsys):
     assert finetune.main(["--config", str(yaml_path), "--output", str(tmp_path / "o")]) == 2
     assert "'train' is required" in capsys.readouterr().err
 
-    # The shipped run configs parse (every key a TrainConfig field).
+    # The shipped run configs parse (every key a TrainConfig field), in the nested form config.from_yaml reads.
     configs = sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".yaml"))
     assert "demo.yaml" in configs and "mistral-7b-lora-v5e-8.yaml" in configs
     for name in configs:
-        TrainConfig.from_yaml(os.path.join(REPO, "configs", name))
+        path = os.path.join(REPO, "configs", name)
+        assert config_lib.from_yaml(TrainConfig, path) == TrainConfig.load(path)
 
 
 SETUP_ERROR_SCRIPT = """

@@ -26,7 +26,8 @@ import time
 T0 = time.perf_counter()
 
 from mistral_jax import api, checkpoint, demo_data  # noqa: E402
-from mistral_jax.trainer import Trainer, TrainConfig, load_base  # noqa: E402
+from mistral_jax.train_config import TrainConfig  # noqa: E402
+from mistral_jax.trainer import Trainer, load_base  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 GREEDY = dict(max_new_tokens=12, temperature=0.0)
@@ -66,18 +67,17 @@ def main(argv=None) -> int:
                                for i, (q, _) in enumerate(held_out)])
     print(f"data: {len(train)} training conversations, {len(held_out)} held-out questions -> {data_dir}")
 
-    cfg = TrainConfig.from_yaml(args.config, output=args.output, steps=args.steps,
-                                train=os.path.join(data_dir, "train.jsonl"),
-                                eval=os.path.join(data_dir, "held_out.jsonl"))
+    cfg = TrainConfig.load(args.config, output=args.output, steps=args.steps,
+                           train=os.path.join(data_dir, "train.jsonl"), eval=os.path.join(data_dir, "held_out.jsonl"))
     trainer = Trainer(cfg, log=lambda msg: print(msg, file=sys.stderr))
     c = trainer.config
     print(f"model: {c.num_params / 1e6:.1f}M params (dim {c.dim}, {c.n_layers} layers, vocab {c.vocab_size}), "
-          f"random init; {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
+          f"random init; {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.optimizer.lr}")
 
     # Before: the random initial model, saved and loaded the way infer.generate loads OUTPUT/final below, so
     # both go through the same code (and one compiled program).
     init_dir = os.path.join(args.output, "init")
-    checkpoint.save(init_dir, load_base(cfg, c, cfg.param_dtype), c.replace(remat="none"))
+    checkpoint.save(init_dir, load_base(cfg, c, cfg.numerics.param_dtype, trainer.mm), c)
     shutil.copy2(trainer.tokenizer_path, os.path.join(init_dir, "tokenizer.model"))
     prompts = [q for q, _ in held_out]
     before = accuracy(answers_of(init_dir, prompts), held_out)

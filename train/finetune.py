@@ -5,7 +5,8 @@
       [--checkpoint-every N] [--mesh SPEC] [--tensorboard]
       [--coordinator HOST:PORT --num-processes N --process-id I | --multi-host]
 
-The YAML keys are the fields of mistral_jax.trainer.TrainConfig; flags override them. Running the same command
+The YAML keys are the fields of mistral_jax.train_config.TrainConfig (optimizer, lora and numerics are
+sections; v0.1's flat keys such as lr or lora_rank still read); flags override them. Running the same command
 again resumes from OUTPUT/checkpoints. The run ends with OUTPUT/final, which infer.generate, infer.score and
 infer.convert read directly (and OUTPUT/final_adapter, PEFT adapters, for LoRA).
 
@@ -22,9 +23,11 @@ import sys
 import time
 
 from mistral_jax import distributed
-from mistral_jax.trainer import NonFiniteLossError, TrainConfig, Trainer
+from mistral_jax.memory_plan import MemoryPlanError
+from mistral_jax.train_config import TrainConfig
+from mistral_jax.trainer import NonFiniteLossError, Trainer
 
-# flag -> TrainConfig field
+# flag -> TrainConfig key (lr and lora_rank go to optimizer.lr and lora.rank; lora_rank 0 = full fine-tuning)
 FLAGS = {"init": str, "train": str, "eval": str, "tokenizer": str, "output": str, "steps": int, "lr": float,
          "lora_rank": int, "batch_size": int, "seq_len": int, "checkpoint_every": int, "mesh": str}
 
@@ -45,8 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="rows per optimizer step")
     p.add_argument("--seq-len", type=int, help="tokens per packed row")
     p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--mesh", help="device mesh, e.g. fsdp=8 or data=2,fsdp=4 (default: one device; with several "
-                                  "processes, every device on fsdp)")
+    p.add_argument("--mesh", help="device mesh, e.g. fsdp=8 or data=2,fsdp=4 (default: every device on fsdp)")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="also log to OUTPUT/tensorboard (needs tensorboardX or tensorboard)")
     distributed.add_args(p)
@@ -58,10 +60,10 @@ def main(argv=None) -> int:
     overrides = {name: getattr(args, name) for name in FLAGS}
     overrides["tensorboard"] = args.tensorboard
     try:
-        cfg = TrainConfig.from_yaml(args.config, **overrides)
+        cfg = TrainConfig.load(args.config, **overrides)
         distributed.initialize(args)  # before any other JAX call; nothing to do for one process
         trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, MemoryPlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
