@@ -73,7 +73,8 @@ def num_slots(config: MistralConfig, max_total_len: int) -> int:
     return min(config.sliding_window, max_total_len)
 
 
-def cache_bytes(config: MistralConfig, batch: int, slots: int, itemsize: int = 4) -> int:
+def cache_bytes(config: MistralConfig, batch: int, slots: int, dtype="float32") -> int:
+    itemsize = jnp.dtype(dtype).itemsize
     return 2 * config.n_layers * batch * slots * config.n_kv_heads * config.head_dim * itemsize + batch * slots * 4
 
 

@@ -43,18 +43,18 @@ def _train(params, config, batch, mm=None):
     import jax
 
     from mistral_jax import train_step as ts
+    from mistral_jax.train_state import TrainState
 
     # A large eps keeps Adam's update a smooth function of the gradient: with the default 1e-8, a gradient
     # element near 0 gets an update of +-lr from float noise alone, whatever the sharding.
     opt_cfg = ts.OptimizerConfig(lr=1e-3, total_steps=10, weight_decay=0.1, eps=1e-3)
     opt = ts.make_optimizer(opt_cfg)
-    shardings = None
+    state_sh = None
     if mm is not None:
-        abstract = jax.eval_shape(lambda p: ts.init_state(p, opt, 0), params)
+        abstract = jax.eval_shape(lambda p: TrainState.create(p, opt, 0), params)
         state_sh = ts.state_shardings(mm, abstract, mm.param_shardings)  # as the trainer lays them out
-        shardings = (state_sh, None, jax.tree.map(lambda x: x.sharding, batch))
-    step = ts.jit_train_step(config, opt_cfg, grad_accum=2, shardings=shardings)
-    init = jax.jit(lambda p: ts.init_state(p, opt, 0), out_shardings=None if mm is None else shardings[0])
+    step = ts.jit_train_step(config, opt_cfg, grad_accum=2, mm=mm)
+    init = jax.jit(lambda p: TrainState.create(p, opt, 0), out_shardings=state_sh)
     metrics = []
     with (mm.activate() if mm is not None else _null()):
         state = init(params)
@@ -62,7 +62,7 @@ def _train(params, config, batch, mm=None):
             state, m = step(state, None, batch)
             metrics.append([float(m["loss"]), float(m["grad_norm"])])
     fetch = mm.fetch if mm is not None else jax.device_get
-    return metrics, fetch(state["params"])
+    return metrics, fetch(state.params)
 
 
 class _null:
@@ -97,7 +97,7 @@ def _finetune_files(tmp):
     import jax
 
     from mistral_jax import checkpoint
-    from mistral_jax import model as model_lib
+    from mistral_jax import params as params_lib
     from mistral_jax.config import get_preset
     from mistral_jax.tokenizer import mistral_common_tokenizer
 
@@ -105,7 +105,7 @@ def _finetune_files(tmp):
     rng = np.random.default_rng(9)
     params = jax.tree_util.tree_map_with_path(
         lambda path, s: (1.0 if "norm" in jax.tree_util.keystr(path) else 0.0)
-        + 0.02 * rng.standard_normal(s.shape).astype(np.float32), model_lib.param_shapes(config))
+        + 0.02 * rng.standard_normal(s.shape).astype(np.float32), params_lib.param_shapes(config))
     checkpoint.save(str(tmp / "tiny"), params, config, tokenizer=mistral_common_tokenizer("v1"))
     qa = [(f"What is {a} plus {b}?", f"{a + b}.") for a, b in rng.integers(1, 50, (24, 2)).tolist()]
     (tmp / "ft.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {
@@ -233,11 +233,11 @@ def _worker(tmp, port, pid):
 
     assert jax.process_count() == 2 and jax.device_count() == 8
     config = checkpoint.load_config(tmp / "hf")
-    mm = sharding.ModelMesh(sharding.make_mesh(MESH), config)
+    mm = sharding.ModelMesh.build(config, MESH)
     # Devices come host by host, so the first axis (data=2) splits between the two processes (docs/scaling.md).
     assert {d.process_index for d in mm.mesh.devices[pid].flat} == {pid}
     params = checkpoint.load_params(tmp / "hf", config, "float32", shardings=mm.param_shardings)
-    distributed.save_params(tmp / "orbax", params, config)  # each process writes its shards
+    checkpoint.save(tmp / "orbax", params, config)  # each process writes its shards
     score("orbax", "score-orbax.jsonl")                      # and each restores only its own
 
     # Training: each process builds only its share of the rows (every other row), the global batch is

@@ -96,33 +96,33 @@ def test_round_batch():
     assert round_batch(8, {"data": 4, "tensor": 2}) == 8
 
 
-@pytest.mark.parametrize("scan,out_major,tied,fused", [(True, False, False, False), (True, True, True, False),
-                                                        (False, False, True, False), (False, True, False, False),
-                                                        (False, True, True, True)])
-def test_param_tree_without_tracing_equals_what_the_model_declares(scan, out_major, tied, fused):
-    """model.param_shapes / param_logical_axes (built from checkpoint.leaf_shapes and the axis table, no trace)
-    equal the tree that Transformer.init declares, in every layout: stacked or per-layer, in- or out-major, tied
-    or not, projections fused or not."""
-    import flax.linen as nn
+@pytest.mark.parametrize("tied", [False, True])
+def test_param_spec_matches_transformers_and_the_initialised_tree(tied):
+    """params.py's declared tree: its leaves per layer have transformers' tensor names and shapes (the peer's own
+    state dict), and init_params builds exactly the declared shapes, dtypes and tree."""
     import jax
+    from hf_models import make_hf_model
 
-    from mistral_jax import model as model_lib
-    from mistral_jax.config import get_preset
+    from mistral_jax import params as params_lib
+    from mistral_jax.config import MistralConfig
 
-    c = get_preset("tiny", scan_layers=scan, out_major_weights=out_major, tie_embeddings=tied, param_dtype="bfloat16",
-                   fused_projections=fused)
-    boxed = jax.eval_shape(lambda r: model_lib.Transformer(c).init(r, jax.ShapeDtypeStruct((1, 1), "int32"))["params"],
-                           jax.random.key(0))
-    traced_shapes = model_lib._to_public(nn.unbox(boxed))
-    traced_axes = model_lib._to_public(jax.tree.map(lambda p: tuple(p.names), boxed,
-                                                    is_leaf=lambda x: isinstance(x, nn.Partitioned)))
-    shapes, axes = model_lib.param_shapes(c), model_lib.param_logical_axes(c)
-    assert jax.tree.structure(shapes) == jax.tree.structure(traced_shapes)
-    assert jax.tree.leaves(shapes) == jax.tree.leaves(traced_shapes)  # shapes and dtypes
+    _, cfg, weights = make_hf_model(0, tie_word_embeddings=tied)
+    c = MistralConfig.from_hf(cfg)
+    names = {}
+    for w in params_lib.weights(c):
+        for layer in range(c.n_layers if w.layered else 1):
+            names[w.hf.format(l=layer)] = w.stored_shape(c)
+    assert names == {k: v.shape for k, v in weights.items() if not (tied and k == "lm_head.weight")}
+    shapes = params_lib.param_shapes(c, "bfloat16")
+    built = jax.eval_shape(lambda r: params_lib.init_params(c, r, "bfloat16"), jax.random.key(0))
+    assert jax.tree.structure(shapes) == jax.tree.structure(built)
+    assert jax.tree.leaves(shapes) == jax.tree.leaves(built)
     is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, str) for n in x)  # noqa: E731
-    assert jax.tree.structure(axes, is_leaf=is_names) == jax.tree.structure(traced_axes, is_leaf=is_names)
-    assert jax.tree.leaves(axes, is_leaf=is_names) == jax.tree.leaves(traced_axes, is_leaf=is_names)
-    assert isinstance(shapes["layers"], tuple) != scan and ("output" in shapes) != tied
+    axes = params_lib.param_logical_axes(c)
+    assert jax.tree.structure(axes, is_leaf=is_names) == jax.tree.structure(shapes)
+    assert all(len(a) == len(s.shape) for a, s in zip(jax.tree.leaves(axes, is_leaf=is_names), jax.tree.leaves(shapes)))
+    assert ("output" in shapes) != tied
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == c.num_params
 
 
 def test_memory_plan_is_the_exact_share_of_the_real_preset():
@@ -130,13 +130,13 @@ def test_memory_plan_is_the_exact_share_of_the_real_preset():
     from mistral_jax.config import get_preset
 
     c = get_preset("mistral-7b-v0.1")
-    assert c.num_params == 7_241_732_096  # REFERENCE.md
+    assert c.num_params == 7_241_732_096  # the published parameter count
     # Every 7B dimension divides by 8, so fsdp=8 holds exactly 1/8 of the bf16 weights per device.
     plan = memory_plan.inference(c, {"fsdp": 8}, "bfloat16", 32, 4096)
     assert plan.bytes_of("weights") * 8 == c.num_params * 2
     slots = kv_cache.num_slots(c, 4096)
     assert plan.bytes_of("cache") * 8 == kv_cache.cache_bytes(c, 32, slots, "bfloat16")
-    # 128 KiB per token (REFERENCE.md): batch 32 x 4096 tokens is 16 GiB of K and V, plus int32 positions.
+    # 128 KiB per token: batch 32 x 4096 tokens is 16 GiB of K and V, plus int32 positions.
     assert kv_cache.cache_bytes(c, 32, slots, "bfloat16") == 16 * 2**30 + 32 * 4096 * 4
     # Tensor=16 does not divide 8 KV heads: the cache is replicated over tensor, so it does not shrink.
     rep = memory_plan.inference(c, {"tensor": 16}, "bfloat16", 32, 4096)
@@ -251,7 +251,7 @@ def test_tools_on_8_devices_match_one_device(tmp_path):
     for how in ("safetensors", "orbax", "init"):
         for leaf, (total, per_device) in checks[f"bytes_{how}"].items():
             assert per_device == [total // 8] * 8, (how, leaf, total, per_device)
-    assert checks["orbax_equal"]
+    assert checks["orbax_equal"] and checks["tuning_keeps_stacked"]
     assert checks["cache_spec_gqa"] == [None, ["data", "fsdp"], "tensor", None, None]
     assert checks["cache_spec_mqa"] == [None, ["data", "fsdp"], None, None, None]
     # One training step (full fine-tuning, and LoRA with dropout), grad_accum 2: loss and every gradient.
@@ -299,19 +299,18 @@ def _train_setup(tmp, kind):
     is random (at B = 0 the gradients of A would be zero and prove nothing)."""
     import jax
 
-    from mistral_jax import checkpoint
-    from mistral_jax import model as model_lib
+    from mistral_jax import checkpoint, lora
 
     config = checkpoint.load_config(tmp / "gqa")
     params = jax.device_get(checkpoint.load_params(tmp / "gqa", config, "float32"))
     if kind == "full":
         return config, params, None, None
-    spec = model_lib.LoraSpec(rank=4, alpha=8.0, dropout=0.1)
+    spec = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1)
     rng = np.random.default_rng(5)
     lora = jax.tree_util.tree_map_with_path(
         lambda path, a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32)
         if str(getattr(path[-1], "key", "")).endswith("_b") else np.asarray(a),
-        jax.device_get(model_lib.init_lora(config, spec, jax.random.key(1))))
+        jax.device_get(lora.init_lora(config, spec, jax.random.key(1))))
     return config, lora, params, spec
 
 
@@ -384,7 +383,7 @@ def _worker(tmp):
             params)[0]}
 
     config = checkpoint.load_config(tmp / "gqa")
-    mm = sharding.ModelMesh(sharding.make_mesh("fsdp=8"), config)
+    mm = sharding.ModelMesh.build(config, "fsdp=8")
     imported = checkpoint.load_params(tmp / "gqa", config, "float32", shardings=mm.param_shardings)
     checks["bytes_safetensors"] = spread(imported)
     checkpoint.save(tmp / "orbax", imported, config)
@@ -393,14 +392,16 @@ def _worker(tmp):
     checks["orbax_equal"] = all(np.array_equal(np.asarray(a), np.asarray(b))
                                 for a, b in zip(jax.tree.leaves(imported), jax.tree.leaves(restored)))
     checks["bytes_init"] = spread(mm.init_params(jax.random.key(0)))
+    from mistral_jax import tuning
+    checks["tuning_keeps_stacked"] = isinstance(tuning.for_inference(restored, mm)["layers"], dict)
     for name in MODELS:
         c = checkpoint.load_config(tmp / name)
-        m = sharding.ModelMesh(sharding.make_mesh("data=2,fsdp=2,tensor=2"), c)
-        spec = m.make_cache(c, 4, 8)["k"].sharding.spec
+        m = sharding.ModelMesh.build(c, "data=2,fsdp=2,tensor=2")
+        spec = m.cache(4, 8).k.sharding.spec
         checks[f"cache_spec_{name}"] = [list(e) if isinstance(e, tuple) else e for e in spec]
     for kind in TRAIN_KINDS:
         for mesh in MESHES:
-            got, split = _train_grads(tmp, kind, sharding.ModelMesh(sharding.make_mesh(mesh), config))
+            got, split = _train_grads(tmp, kind, sharding.ModelMesh.build(config, mesh))
             np.savez(tmp / f"train-{kind}-{mesh}.npz", **got)
             checks[f"train_sharded_{kind}_{mesh}"] = bool(split)
     (tmp / "checks.json").write_text(json.dumps(checks))
