@@ -241,13 +241,13 @@ def test_orbax_round_trip_is_bit_exact(tmp_path, hf_dir, dtype):
     out = str(tmp_path / "ckpt")
     ck.save(out, params, config, tokenizer=str(tok))
     assert ck.detect_format(out) == "orbax"
-    assert sorted(os.listdir(out)) == ["mistral_jax.json", "params", "tokenizer.model"]
+    assert sorted(os.listdir(out)) == ["mistral_jax.checksums.json", "mistral_jax.json", "params", "tokenizer.model"]
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "tokenizer.model"]  # no temp dirs left behind
     assert ck.load_config(out) == config
     back = ck.load_params(out, dtype=dtype)
     assert all(x.dtype == np.dtype(NP_DTYPES[dtype]) for x in jax.tree.leaves(back))
     assert_trees_equal(back, params)
-    # Restoring into another dtype casts while reading.
+    # Restoring into another dtype casts after the checks (while reading with check_finite=False).
     assert_trees_equal(ck.load_params(out, dtype="float32"), jax.tree.map(lambda x: np.asarray(x, np.float32),
                                                                          params))
 

@@ -7,7 +7,8 @@
 
 Every name, shape and layout comes from the param spec (params.WEIGHTS); the param tree is the stacked,
 in-major tree of params.py whatever the source. The formats live in their own modules: files (detection,
-config, crash-safe directories), safetensors (hf and native), orbax (ours), peft (LoRA adapters).
+config, crash-safe directories), safetensors (hf and native), orbax (ours), integrity (NaN/inf counts and
+checksums), peft (LoRA adapters).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from .. import params as params_lib
 from ..config import MistralConfig
-from . import files, orbax, safetensors
+from . import files, integrity, orbax, safetensors
 from .files import ORBAX_CONFIG, ORBAX_PARAMS, TOKENIZER_FILES, CheckpointError, detect_format, load_config, np_dtype
 from .orbax import save
 from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_tensors, save_adapter
@@ -29,8 +30,8 @@ from .safetensors import export_hf, export_native
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ORBAX_CONFIG", "ORBAX_PARAMS", "TOKENIZER_FILES",
            "CheckpointError", "Conversion", "adapter_config", "adapter_tensors", "convert", "detect_format",
-           "export_hf", "export_native", "files", "load_config", "load_host_params", "load_params", "orbax",
-           "safetensors", "save", "save_adapter"]
+           "export_hf", "export_native", "files", "integrity", "load_config", "load_host_params", "load_params",
+           "orbax", "safetensors", "save", "save_adapter"]
 
 Params = dict[str, Any]
 
@@ -46,30 +47,35 @@ def _put(host: np.ndarray, sharding) -> jax.Array:
 
 
 def load_params(path: str, config: MistralConfig | None = None, dtype: str = "float32",
-                shardings: Any = None) -> Params:
+                shardings: Any = None, *, check_finite: bool = True) -> Params:
     """Any supported checkpoint directory as our param tree (stacked layers, [in..., out...] projections) of
     jax.Arrays of `dtype`.
 
     `shardings`: optional tree of jax.sharding.Sharding like the params (ModelMesh.param_shardings). From
     safetensors each leaf is read into one host buffer (one at a time) and its devices take their slices of
     it; from orbax each process reads only the slices its devices hold. Either way no host holds the full
-    model at once (beyond CPU devices, whose memory is the host's)."""
+    model at once (beyond CPU devices, whose memory is the host's).
+
+    `check_finite` (default): CheckpointError naming the file and tensor that holds NaN or inf, or that does
+    not match the checksum our orbax format saves with each array (corruption); a pass over the weights as
+    they load. False skips it (e.g. to inspect a diverged run's weights)."""
     path = os.fspath(path)
     fmt = detect_format(path)
     config = config or load_config(path)
     dt = np_dtype(dtype)
     if fmt == "orbax":
-        return orbax.restore(path, config, dt, shardings)
+        return orbax.restore(path, config, dt, shardings, check_finite=check_finite)
     params: Params = {}
     with safetensors.open_checked(path, fmt, config) as source:
-        for w, host in safetensors.host_leaves(source, fmt, config, dt):
+        for w, host in safetensors.host_leaves(source, fmt, config, dt, check_finite):
             sharding = None if shardings is None else params_lib.tree_get(shardings, w.path)
             params_lib.tree_set(params, w.path, _put(host, sharding))
             del host
     return params
 
 
-def load_host_params(path: str, config: MistralConfig | None = None, dtype: str | None = None) -> Params:
+def load_host_params(path: str, config: MistralConfig | None = None, dtype: str | None = None, *,
+                     check_finite: bool = True) -> Params:
     """Like load_params for hf/native directories, but leaves numpy arrays on the host (conversion, tests).
     dtype None keeps the checkpoint's float dtype when all its tensors share one (float32 otherwise)."""
     path = os.fspath(path)
@@ -80,7 +86,7 @@ def load_host_params(path: str, config: MistralConfig | None = None, dtype: str 
     params: Params = {}
     with safetensors.open_checked(path, fmt, config) as source:
         dt = np_dtype(dtype or source.dtype())
-        for w, host in safetensors.host_leaves(source, fmt, config, dt):
+        for w, host in safetensors.host_leaves(source, fmt, config, dt, check_finite):
             params_lib.tree_set(params, w.path, host)
     return params
 
@@ -95,19 +101,19 @@ class Conversion:
 
 
 def convert(src: str, dst: str, to: str = "orbax", dtype: str | None = None, *, max_shard_bytes: float = 5e9,
-            overwrite: bool = False) -> Conversion:
+            overwrite: bool = False, check_finite: bool = True) -> Conversion:
     """Converts a checkpoint directory to `to` in {"orbax", "hf", "native"}; tokenizer files come along.
 
-    dtype None keeps the source's dtype. Host memory: one copy of the weights in `dtype` plus one tensor
-    (plus one shard when writing safetensors)."""
+    dtype None keeps the source's dtype. `check_finite`: as in load_params. Host memory: one copy of the
+    weights in `dtype` plus one tensor (plus one shard when writing safetensors)."""
     if to not in ("orbax", "hf", "native"):
         raise ValueError(f"convert: to must be 'orbax', 'hf' or 'native', got {to!r}")
     fmt = detect_format(src)
     config = load_config(src)
     if fmt == "orbax":
-        params = load_params(src, config, dtype=dtype or orbax.stored_dtype(src))
+        params = load_params(src, config, dtype=dtype or orbax.stored_dtype(src), check_finite=check_finite)
     else:
-        params = load_host_params(src, config, dtype)
+        params = load_host_params(src, config, dtype, check_finite=check_finite)
     name = np.dtype(params["norm"]["scale"].dtype).name
     if to == "orbax":
         save(dst, params, config, tokenizer=src, overwrite=overwrite)

@@ -3,7 +3,8 @@
 Formats (detect_format):
   "hf"      config.json + model.safetensors or model.safetensors.index.json (+ shards)
   "native"  params.json + consolidated.safetensors (mistral-inference)
-  "orbax"   mistral_jax.json (MistralConfig.to_dict()) + params/ (an orbax PyTree checkpoint); ours
+  "orbax"   mistral_jax.json (MistralConfig.to_dict()) + params/ (an orbax PyTree checkpoint); ours, with
+            mistral_jax.checksums.json (integrity.py) when written after v0.1
 """
 
 from __future__ import annotations
@@ -34,7 +35,39 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v2"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not match its config or our layout; the message names the file and tensor."""
+    """A checkpoint that does not match its config or our layout; the message names the file and tensor.
+
+    Messages never quote a file's bytes (a checkpoint may be untrusted, or a name may point at a secret):
+    they say where (file, line, tensor) and what was expected."""
+
+
+def short(value: object, limit: int = 200) -> str:
+    """repr of a name taken from a checkpoint file, cut to `limit` characters."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+def reason(e: BaseException) -> str:
+    """A library's error message up to its first quoted fragment: parsers quote the bytes they reject."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    for cut in ("`", "'", '"', " at line"):
+        msg = msg.split(cut, 1)[0]
+    return msg.rstrip(" :,") or type(e).__name__
+
+
+def read_json(path: str, what: str) -> Any:
+    """The JSON value in `path`; CheckpointError naming the file and the position (never the text) if the file
+    is not UTF-8 JSON."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt {what} (not UTF-8 text: byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt {what} (not JSON: line {e.lineno}, column {e.colno})") from None
 
 
 def detect_format(path: str) -> str:
@@ -69,10 +102,17 @@ def detect_format(path: str) -> str:
 def load_config(path: str, **overrides) -> MistralConfig:
     """The MistralConfig of a checkpoint directory (or of a config file given directly)."""
     path = os.fspath(path)
-    if os.path.isfile(path):
+    if not os.path.isfile(path):
+        fname = {"hf": HF_CONFIG, "native": NATIVE_CONFIG, "orbax": ORBAX_CONFIG}[detect_format(path)]
+        path = os.path.join(path, fname)
+    read_json(path, "config file")  # its own message for a file that is not JSON
+    if overrides:
         return MistralConfig.from_file(path, **overrides)
-    fname = {"hf": HF_CONFIG, "native": NATIVE_CONFIG, "orbax": ORBAX_CONFIG}[detect_format(path)]
-    return MistralConfig.from_file(os.path.join(path, fname), **overrides)
+    try:
+        return MistralConfig.from_file(path)
+    except (TypeError, ValueError) as e:  # a value of the wrong type or range: say which file
+        msg = " ".join(str(e).split())[:300]
+        raise CheckpointError(msg if msg.startswith(path) else f"{path}: {msg}") from None
 
 
 def np_dtype(dtype) -> np.dtype:

@@ -12,7 +12,6 @@ written, and dropped before the next shard, so an export holds the params plus o
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -37,6 +36,9 @@ from .files import (
     check_tree,
     copy_tokenizer,
     np_dtype,
+    read_json,
+    reason,
+    short,
     write_json,
 )
 
@@ -71,7 +73,7 @@ class Source:
         except FileNotFoundError:
             raise FileNotFoundError(f"safetensors file not found: {path}") from None
         except (safetensors.SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({reason(e)})") from None
         self.files[path] = f
         for name in f.keys() if names is None else names:
             self.where[name] = path
@@ -79,27 +81,28 @@ class Source:
 
     def _open_index(self, path: str) -> None:
         self.index_path = path
-        try:
-            with open(path) as fh:
-                index = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: corrupt index (not JSON: {e})") from None
+        index = read_json(path, "index")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        if not isinstance(weight_map, dict):
             raise CheckpointError(f"{path}: corrupt index (no 'weight_map' of tensor name -> shard file)")
         by_shard: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
+            # Shards are files of this directory: a path in the index would read any file the user can.
+            if not (isinstance(shard, str) and shard == os.path.basename(shard) and "\\" not in shard
+                    and "\0" not in shard and shard.endswith(".safetensors")):
+                raise CheckpointError(f"{path}: weight_map entry {short(name)} -> {short(shard)} is not a "
+                                      "'*.safetensors' file name in the checkpoint directory")
             by_shard.setdefault(shard, []).append(name)
         for shard, names in by_shard.items():
             shard_path = os.path.join(os.path.dirname(path), shard)
             if not os.path.isfile(shard_path):
                 more = f" and {len(names) - 1} other tensors" if len(names) > 1 else ""
-                raise FileNotFoundError(f"{path}: shard {shard!r} is missing (expected at {shard_path}); it holds "
-                                        f"tensor {names[0]!r}{more}")
+                raise FileNotFoundError(f"{path}: shard {short(shard)} is missing (expected at {shard_path}); it holds "
+                                        f"tensor {short(names[0])}{more}")
             f = self._open_file(shard_path, names)
             lacking = sorted(set(names) - set(f.keys()))
             if lacking:
-                raise CheckpointError(f"{path}: the index maps tensor {lacking[0]!r} to shard {shard!r}, "
+                raise CheckpointError(f"{path}: the index maps tensor {short(lacking[0])} to shard {shard!r}, "
                                       f"but {shard_path} does not contain it")
 
     def __contains__(self, name: str) -> bool:
@@ -114,7 +117,10 @@ class Source:
         return self.where[name], tuple(sl.get_shape()), sl.get_dtype()
 
     def get(self, name: str) -> np.ndarray:
-        return self.files[self.where[name]].get_tensor(name)
+        try:
+            return self.files[self.where[name]].get_tensor(name)
+        except (safetensors.SafetensorError, OSError) as e:  # e.g. the file changed or shrank after opening
+            raise CheckpointError(f"{self.where[name]}: cannot read tensor {name!r} ({reason(e)})") from None
 
     def dtype(self) -> str:
         """The float dtype name all tensors share (float32 when they differ)."""
@@ -168,7 +174,7 @@ def validate(source: Source, fmt: str, config: MistralConfig) -> None:
         why = " (config has tie_embeddings=True, so no separate output head)" \
             if config.tie_embeddings and unexpected[0] == head else ""
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in {source.where[unexpected[0]]}{why}{more}; "
+        raise CheckpointError(f"unexpected tensor {short(unexpected[0])} in {source.where[unexpected[0]]}{why}{more}; "
                               f"the config describes {len(wanted)} tensors")
     for name, shape in wanted.items():
         path, got, code = source.info(name)
@@ -194,27 +200,40 @@ def open_checked(path: str, fmt: str, config: MistralConfig) -> Source:
     return source
 
 
-def _fill(dst: np.ndarray, source: Source, name: str, view, config: MistralConfig) -> None:
+def _fill(dst: np.ndarray, source: Source, name: str, view, config: MistralConfig, check_finite: bool) -> None:
     """Copies tensor `name` into `dst` (one layer of our leaf) through its checkpoint-layout view."""
     target, stored = view(dst, config)
     # numpy reshapes to a copy where no view exists: assigning into that copy would be lost
     if not np.may_share_memory(target, dst):
         raise AssertionError(f"layout of {name!r} is not a view of the destination")
-    target[...] = source.get(name).reshape(stored)  # cast + rearrange in one pass
+    tensor = source.get(name)
+    if check_finite:
+        bad = tensor.size - np.count_nonzero(np.isfinite(tensor))
+        if bad:
+            raise CheckpointError(f"tensor {name!r} in {source.where[name]} has {bad} non-finite values (NaN/inf) "
+                                  f"of {tensor.size}; load with check_finite=False (--no-check) to accept them")
+    with np.errstate(over="ignore"):  # an overflow is reported below, by name
+        target[...] = tensor.reshape(stored)  # cast + rearrange in one pass
+    if check_finite and dst.dtype.itemsize < tensor.dtype.itemsize:
+        bad = target.size - np.count_nonzero(np.isfinite(target))
+        if bad:
+            raise CheckpointError(f"tensor {name!r} in {source.where[name]}: {bad} values overflow {dst.dtype} "
+                                  "(finite as stored, infinite after the cast); load it in a wider dtype")
 
 
-def host_leaves(source: Source, fmt: str, config: MistralConfig, dtype: np.dtype
+def host_leaves(source: Source, fmt: str, config: MistralConfig, dtype: np.dtype, check_finite: bool = True
                 ) -> Iterator[tuple[params_lib.Weight, np.ndarray]]:
-    """(weight, host array of its full shape in `dtype`), one leaf at a time, filled tensor by tensor."""
+    """(weight, host array of its full shape in `dtype`), one leaf at a time, filled tensor by tensor.
+    `check_finite`: CheckpointError for a tensor holding NaN or inf (or overflowing `dtype`), naming it."""
     for w in params_lib.weights(config):
         host = np.empty(w.full_shape(config), dtype)
         view = w.stored_view(fmt)
         names = _names(w, fmt, config)
         if w.layered:
             for i, name in enumerate(names):
-                _fill(host[i], source, name, view, config)
+                _fill(host[i], source, name, view, config, check_finite)
         else:
-            _fill(host, source, names[0], view, config)
+            _fill(host, source, names[0], view, config, check_finite)
         yield w, host
         del host
 
