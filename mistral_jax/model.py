@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from . import kv_cache
-from .attention import self_attention
+from .attention import make_mask, self_attention
 from .config import MistralConfig, Numerics
 from .kv_cache import CacheUpdate, KVCache
 from .rope import apply_rope, rope_tables
@@ -89,13 +89,16 @@ def block(p: Params, x, rope, positions, segment_ids, kv, update, *, config: Mis
 
 
 def forward(params: Params, tokens, positions=None, segment_ids=None, cache: KVCache | None = None, *,
-            config: MistralConfig, numerics: Numerics = Numerics(), logits_at=None, cache_empty: bool = False):
+            config: MistralConfig, numerics: Numerics = Numerics(), logits_at=None, cache_empty: bool = False,
+            hidden_states: bool = False):
     """tokens [B, T] int -> logits [B, T, V] float32, or (logits, new cache) when `cache` is given.
 
     positions [B, T]: absolute positions (default 0..T-1). segment_ids [B, T]: 0 for padding, distinct ids
     for examples packed in one row (default all 1). With a cache the tokens attend the cached keys too and are
     written into it. `logits_at` [B]: the head only at that index of each row (logits [B, 1, V]; a prefill
-    needs one position). `cache_empty` (static): the cache holds nothing yet, so it is written, not read."""
+    needs one position). `cache_empty` (static): the cache holds nothing yet, so it is written, not read.
+    `hidden_states` (static): also return [L + 1, B, T, D] after the logits, as transformers'
+    output_hidden_states: the embeddings, each layer's output, the last one after the final norm."""
     c = config
     dt = jnp.dtype(numerics.dtype)
     b, t = tokens.shape
@@ -114,12 +117,13 @@ def forward(params: Params, tokens, positions=None, segment_ids=None, cache: KVC
         p, i = xs
         x, kv = block(p, x, rope, positions, segment_ids, None if kv is None else (*kv, i), update, config=c,
                       numerics=numerics)
-        return (x, None if kv is None else kv[:2]), None
+        return (x, None if kv is None else kv[:2]), x if hidden_states else None
 
     if numerics.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[numerics.remat], prevent_cse=False)
     kv = None if cache is None else (cache.k, cache.v)
-    x, kv = run_layers(layer, (x, kv), params["layers"], c.n_layers)
+    x0 = x
+    (x, kv), per_layer = run_layers(layer, (x, kv), params["layers"], c.n_layers)
 
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
@@ -129,20 +133,47 @@ def forward(params: Params, tokens, positions=None, segment_ids=None, cache: KVC
     else:
         logits = project("BTD,DV->BTV", x, params["output"]["kernel"])
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-    if cache is None:
-        return logits
-    return logits, KVCache(kv[0], kv[1], update.after)
+    out = (logits,) if cache is None else (logits, KVCache(kv[0], kv[1], update.after))
+    if hidden_states:
+        last = rms_norm(per_layer[-1], params["norm"]["scale"], c.norm_eps)
+        out += (jnp.concatenate([x0[None], per_layer[:-1], last[None]]),)
+    return out[0] if len(out) == 1 else out
 
 
 def run_layers(layer, carry, layers, n_layers: int):
-    """Runs `layer(carry, (params of layer i, i))` over every layer: a scan over the stacked params, or a loop
-    when they are held per layer (a sequence of L trees, see tuning.py) of one traced layer."""
+    """Runs `layer(carry, (params of layer i, i)) -> (carry, y)` over every layer: a scan over the stacked
+    params, or a loop when they are held per layer (a sequence of L trees, see tuning.py) of one traced layer.
+    Returns (carry, the ys stacked)."""
     if isinstance(layers, (list, tuple)):
         step = jax.jit(layer)  # traced once, inlined at each call
+        ys = []
         for i, p in enumerate(layers):
-            carry, _ = step(carry, (p, jnp.int32(i)))
-        return carry
-    return jax.lax.scan(layer, carry, (layers, jnp.arange(n_layers, dtype=jnp.int32)))[0]
+            carry, y = step(carry, (p, jnp.int32(i)))
+            ys.append(y)
+        return carry, None if ys[0] is None else jnp.stack(ys)
+    return jax.lax.scan(layer, carry, (layers, jnp.arange(n_layers, dtype=jnp.int32)))
+
+
+def attention_weights(params: Params, hidden, layer: int, positions=None, segment_ids=None, *,
+                      config: MistralConfig, numerics: Numerics = Numerics()):
+    """The attention probabilities [B, N, T, T] of layer `layer` given its input `hidden` [B, T, D] (that
+    layer's entry of forward's hidden_states), for looking inside the model."""
+    b, t, _ = hidden.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
+    layers = params["layers"]
+    p = layers[layer] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda w: w[layer], layers)
+    x = rms_norm(hidden.astype(numerics.dtype), p["attention_norm"]["scale"], config.norm_eps)
+    rope = rope_tables(positions, config.head_dim, config.rope_theta)
+    q = apply_rope(project("BTD,DNH->BTNH", x, p["attention"]["wq"]), rope)
+    k = apply_rope(project("BTD,DKH->BTKH", x, p["attention"]["wk"]), rope)
+    q = q.reshape(b, t, config.n_kv_heads, config.n_heads // config.n_kv_heads, config.head_dim)
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(config.head_dim)
+    mask = make_mask(positions, positions, segment_ids, segment_ids, config.sliding_window)
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    return jax.nn.softmax(s, axis=-1).reshape(b, config.n_heads, t, t)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "numerics"))
