@@ -9,23 +9,24 @@ Input rows: {"id", "prompt": str} (BOS added), {"id", "messages": [...]} (the to
 {"id", "prompt_ids": [int]} (as given); a row may also carry its own "seed" (default: derived from --seed
 and the id). Output rows, in input order:
 {"id", "completion", "completion_ids", "finish_reason", "prompt_tokens", "completion_tokens"}. Rows are
-batched by prompt length within windows of 8 batches (less padding); output is appended and flushed after
-every batch, each row as soon as the rows before it are written: re-running the same command skips ids
-already written and regenerates the rest. A bad row becomes {"id", "error"} and the job goes on.
-The job itself is mistral_jax/batch_job.py.
+batched by prompt length within windows of 8 batches (less padding); output is appended and fsynced after
+every batch, each row as soon as the rows before it are written: re-running the same command skips the rows
+already written and generates the rest. A bad row becomes {"id", "error"} and the job goes on.
+--output gets a manifest (OUTPUT.manifest.json: the input's hash and the settings) and a lock while the job
+runs; an existing output of another input or other settings is refused. Errors in the command line or its
+files: one line `error: ...`, exit 2. The job itself is mistral_jax/batch_job.py, its output job_output.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+import os
 import time
 
 
 def parse_args(argv=None):
     from mistral_jax import launch
 
-    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n")[0])
+    p = launch.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n")[0])
     launch.add_model_args(p, batch_size=8)
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
@@ -40,40 +41,58 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """The exit code: 0, or 1 when every row was an error. A user error raises launch.UserError (a SystemExit
+    saying `error: ...`), which the process entry point prints as one line, exit 2."""
+    from mistral_jax import launch
+
     args = parse_args(argv)
+    with launch.user_errors():
+        return _main(args)
+
+
+def _main(args) -> int:
     from tqdm import tqdm
 
     from mistral_jax import api, batch_job, launch, memory_plan
     from mistral_jax.generator import SamplingParams
+    from mistral_jax.job_output import JobOutput
 
+    # Every flag and input is checked before anything is written.
+    launch.check_batch_size(args.batch_size)
     try:
         base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
                               stop_token_ids=() if args.ignore_eos else None)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise launch.UserError(str(e)) from None
     # Mesh, model-divides check and memory plan (KV cache for prompt + completion up to max_seq_len), before
     # the weights are loaded.
-    mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(
-        c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="generate"))
-    batch_size = launch.batch_size(args.batch_size, mm)
-    api.enable_compilation_cache()
-    timer = api.CompileTimer()
-    t_start = time.perf_counter()
-    model = api.Mistral(api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm), batch_size=batch_size)
-    if args.stop and model.tokenizer is None:
-        print("error: --stop needs a tokenizer", file=sys.stderr)
-        return 2
-    load_s = time.perf_counter() - t_start
+    with launch.user_errors(files=True):
+        mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(
+            c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="generate"))
+    out = JobOutput(args.output, args.input, batch_job.settings(
+        base, args.seed, checkpoint=os.path.abspath(args.checkpoint), dtype=args.dtype,
+        tokenizer=os.path.abspath(args.tokenizer) if args.tokenizer else None))
+    out.check()
+    with out:
+        batch_size = launch.batch_size(args.batch_size, mm)
+        api.enable_compilation_cache()
+        timer = api.CompileTimer()
+        t_start = time.perf_counter()
+        with launch.user_errors(files=True):
+            model = api.Mistral(api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm),
+                                batch_size=batch_size)
+        if args.stop and model.tokenizer is None:
+            raise launch.UserError("--stop needs a tokenizer")
+        load_s = time.perf_counter() - t_start
 
-    with tqdm(desc="generate", unit="row") as bar:
-        def progress(n, stats):
-            bar.total = stats.todo
-            bar.update(n)
-            bar.set_postfix(tok_s=rate(stats.tokens, model.generator.busy_seconds()))
+        with tqdm(desc="generate", unit="row") as bar:
+            def progress(n, stats):
+                bar.total = stats.todo
+                bar.update(n)
+                bar.set_postfix(tok_s=rate(stats.tokens, model.generator.busy_seconds()))
 
-        stats = batch_job.run(model, args.input, args.output, base, args.seed, progress)
+            stats = batch_job.run(model, args.input, args.output, base, args.seed, progress, output=out)
     total = time.perf_counter() - t_start
     print(f"rows: {stats.rows} generated, {stats.errors} errors; tokens: {stats.tokens}; "
           f"{rate(stats.tokens, model.generator.busy_seconds())} tokens/s excluding compilation; "
@@ -87,6 +106,5 @@ def rate(tokens: int, seconds: float) -> str:
 
 
 if __name__ == "__main__":
-    code = main()
     from mistral_jax import launch
-    launch.exit_process(code)
+    launch.exit_process(launch.run_tool(main))

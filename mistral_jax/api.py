@@ -6,6 +6,8 @@ import dataclasses
 import os
 from typing import Any
 
+import numpy as np
+
 from . import checkpoint, tuning
 from .config import DTYPES, MistralConfig, Numerics
 from .generator import Generator, SamplingParams
@@ -79,7 +81,12 @@ class Mistral:
             return self._tok().encode(prompt, bos=True)
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
             return self._tok().encode_chat(list(prompt))
-        return [int(i) for i in prompt]
+        if isinstance(prompt, (list, tuple)) and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                                                     for i in prompt):
+            return [int(i) for i in prompt]
+        # Strings or floats are never read as token ids.
+        raise TypeError("a prompt is a str, a list of {\"role\", \"content\"} messages or a list of int token ids, "
+                        f"got {type(prompt).__name__}")
 
     def _tok(self):
         if self.tokenizer is None:

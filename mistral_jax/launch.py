@@ -10,6 +10,8 @@ weight is read.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -18,6 +20,54 @@ import jax
 
 from . import checkpoint, distributed, memory_plan, sharding
 from .config import DTYPES, MistralConfig
+from .job_output import JobError
+
+
+class UserError(SystemExit):
+    """A mistake in a command line or in the files it names. A tool's main raises it; its process entry point
+    (run_tool) prints one line `error: ...` and exits 2. Uncaught, it prints the same line and exits 1, as
+    the SystemExit it is."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+        self.message = message
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line `error: ...` and exit 2 (no usage block)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_tool(main: Callable[..., int], *args) -> int:
+    """main(*args) as a process runs it: a UserError becomes one line `error: ...` on stderr and exit code 2;
+    any other exception is a bug and keeps its traceback."""
+    try:
+        return main(*args)
+    except UserError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+
+
+@contextlib.contextmanager
+def user_errors(files: bool = False):
+    """Turns a job_output.JobError into a UserError, and with `files` the OSError / ValueError of reading the
+    files a user named (checkpoint, tokenizer) too: wrap start-up with files=True, never the job itself."""
+    try:
+        yield
+    except JobError as e:
+        raise UserError(str(e)) from None
+    except (OSError, ValueError) as e:
+        if not files:
+            raise
+        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+
+def check_batch_size(requested: int) -> None:
+    if requested < 1:
+        raise UserError(f"--batch-size must be at least 1, got {requested}")
 
 
 def add_args(parser) -> None:
@@ -40,7 +90,7 @@ def start(args, checkpoint_path: str, plan: Callable[[MistralConfig, object], me
           **config_overrides) -> sharding.ModelMesh:
     """Joins the other processes, builds the mesh of `args.mesh`, prints its notes and the memory plan.
 
-    Exits with a one-line error (SystemExit) when the mesh does not fit the devices or the model, or when the
+    Raises UserError (a SystemExit) when the mesh does not fit the devices or the model, or when the
     params, optimizer state and KV cache cannot fit the memory JAX reports for a device."""
     distributed.initialize(args)
     try:
@@ -55,7 +105,7 @@ def start(args, checkpoint_path: str, plan: Callable[[MistralConfig, object], me
         if plan is not None:
             memory_plan.report(plan(config, mesh), print_fn=distributed.log)
     except (sharding.ShardingError, memory_plan.MemoryPlanError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise UserError(str(e)) from None
     return mm
 
 

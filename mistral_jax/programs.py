@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import jax
 from jax.sharding import Mesh
@@ -85,12 +86,21 @@ def process_timer() -> CompileTimer:
     return CompileTimer()
 
 
-def enable_compilation_cache(path: str | None = None) -> str:
+def enable_compilation_cache(path: str | None = None) -> str | None:
     """Turns on JAX's persistent compilation cache (default ~/.cache/mistral_jax/xla, or $MISTRAL_JAX_CACHE),
-    so a second run of the same job does not compile again. Returns the directory."""
+    so a second run of the same job does not compile again. Returns the directory, or None (with a note) when
+    it cannot be made: the job then compiles as usual.
+
+    Nothing else is kept there, and nothing there is ever run as code: JAX reads an entry as bytes,
+    decompresses it and hands it to XLA's executable deserializer (no pickle), and an entry it cannot read is
+    a cache miss (a warning, then a compilation)."""
     path = path or os.environ.get("MISTRAL_JAX_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "mistral_jax", "xla")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        print(f"note: no compilation cache ({path}: {e.strerror or e}); compiling as usual", file=sys.stderr)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

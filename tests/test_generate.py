@@ -263,6 +263,7 @@ def test_generate_job_resumes_and_reports_bad_rows(tok_model, tmp_path, monkeypa
     out = tmp_path / "resumed.jsonl"
     lines = full_out.read_text().splitlines()
     out.write_text("\n".join(lines[:4]) + "\n" + lines[4][: len(lines[4]) // 2])
+    shutil.copy(f"{full_out}.manifest.json", f"{out}.manifest.json")  # the same job's output
     assert gen_cli.main(args + ["--output", str(out)]) == 0
     resumed = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in resumed] == ids  # every id exactly once, in input order
