@@ -23,7 +23,8 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +84,11 @@ def _check_messages(messages: list) -> None:
             raise ValueError(f"unknown role: message {i} has role {role!r}, expected one of {ROLES}")
         if not isinstance(content, str):
             raise ValueError(f"bad content: message {i} ({role}) content is a {type(content).__name__}, not a str")
+        try:  # JSON's \ud800 escape reads as a lone surrogate, which no tokenizer takes
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"bad content: message {i} ({role}) content is not valid Unicode (lone surrogate at "
+                             f"character {e.start})") from None
         # Whitespace-only counts as empty: v2/v3 strip assistant text, and a blank turn teaches nothing.
         if not content.strip():
             raise ValueError(f"bad content: message {i} ({role}) content is empty")
@@ -116,7 +122,7 @@ def load_examples(path: str, tokenizer: Tokenizer, seq_len: int,
             messages = messages[: last + 1]
             try:
                 ids, mask = tokenizer.encode_chat_with_mask(messages)
-            except ValueError as e:
+            except (ValueError, RuntimeError) as e:  # sentencepiece raises RuntimeError for input it cannot take
                 raise ValueError(f"tokenizer error: {e}") from None
             if len(ids) > seq_len:
                 raise ValueError(f"too long: {len(ids)} tokens > seq_len {seq_len}")

@@ -4,13 +4,15 @@
   Trainer(cfg).run()
 
 A run directory (`output`) holds:
-  checkpoints/<step>/   orbax CheckpointManager: `state` (train_state.TrainState as a dict of its fields) and
-                        `data` (the data iterator's position). Saved asynchronously every `checkpoint_every`
-                        steps; the last `keep_checkpoints` are kept, plus the one with the best eval loss. Orbax
-                        writes a step into a temporary directory and renames it when complete, so a crash
-                        mid-save leaves the previous step intact (tests/test_trainer.py kills a run mid-save).
+  checkpoints/<step>/   orbax checkpoints: train state, data position, and the record a resume is checked
+                        against (train_checkpoints.py). Saved asynchronously every `checkpoint_every` steps; the
+                        last `keep_checkpoints` are kept, plus the one with the best eval loss. Orbax writes a
+                        step into a temporary directory and renames it when complete, so a crash mid-save leaves
+                        the previous step intact (tests/test_trainer.py kills a run mid-save).
+  damaged_checkpoints/  steps that failed to restore (or to match their checksums), moved aside on resume
   metrics.jsonl         one row per logged step (metrics.py)
-  train_config.json     the TrainConfig of the run
+  train_config.json     the TrainConfig the run started with
+  config_history.jsonl  one row per start or resume: the settings, and which changed (run_dir.py)
   final/                merged (LoRA folded in) inference checkpoint with tokenizer.model: infer.generate,
                         infer.score and infer.convert read it
   final_adapter/        LoRA runs: the adapters alone in the PEFT format (checkpoint/peft.py)
@@ -18,13 +20,15 @@ A run directory (`output`) holds:
 The trainable tree is the params (full fine-tuning) or the LoRA adapters over a frozen base kept in the compute
 dtype. Every run is laid out on a sharding.ModelMesh (default: every device on fsdp; one device is a mesh of
 one). Running the same command again resumes from the latest checkpoint: trainable tree, optimizer state,
-step, RNG and data position, so the losses match those of an uninterrupted run.
+step, RNG and data position, so the losses match those of an uninterrupted run. A resume is checked before
+anything is written: the batch size, seq_len and training data must be those the checkpoint was saved with
+(run_dir.ResumeError otherwise). A checkpoint that does not restore is named with its error, and the run falls
+back to the previous kept one; ResumeError when none restores.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import signal
@@ -36,17 +40,20 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, distributed, memory_plan, sharding
+from . import checkpoint, distributed, memory_plan, run_dir, sharding
 from . import lora as lora_lib
 from . import train_step as ts
 from .config import PRESETS, MistralConfig
 from .data import DataIterator, load_examples, pack
 from .metrics import MetricsLog
+from .run_dir import ResumeError
 from .tokenizer import Tokenizer
+from .train_checkpoints import RunCheckpoints, checkpoint_manager
 from .train_config import TrainConfig, model_config, resolve_tokenizer
 from .train_state import TrainState
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "checkpoint_manager", "load_base", "train"]
+__all__ = ["NonFiniteLossError", "ResumeError", "TrainConfig", "Trainer", "checkpoint_manager", "load_base",
+           "train"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,22 +65,6 @@ def load_base(cfg: TrainConfig, config: MistralConfig, dtype: str, mm: sharding.
     if cfg.init in PRESETS:
         return mm.init_params(jax.random.fold_in(jax.random.key(cfg.seed), 1), dtype)
     return checkpoint.load_params(cfg.init, config, dtype=dtype, shardings=mm.param_shardings)
-
-
-def checkpoint_manager(directory: str, keep: int):
-    """Asynchronous orbax CheckpointManager keeping the last `keep` steps plus the best by eval loss (saves
-    given metrics {"eval_loss": x}). Leftover temporary directories of a crashed save are removed."""
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
-
-    policy = pp.AnyPreservationPolicy([
-        pp.LatestN(n=keep),
-        # BestN sorts ascending and keeps the tail: reverse=True puts the lowest loss last.
-        pp.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False),
-    ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
-                                           cleanup_tmp_directories=True, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 def _log_stderr(msg: str) -> None:
@@ -100,14 +91,12 @@ class Trainer:
                              f"model's vocab_size {self.config.vocab_size}")
 
         # The whole data set is validated before any weight is read.
-        examples, report = load_examples(cfg.train, tokenizer, cfg.seq_len, on_bad=cfg.bad_rows)
-        log(report.summary())
+        examples, report = self._load_examples(cfg.train, tokenizer)
+        self.train_fingerprint = run_dir.data_fingerprint(cfg.train, report.total)
         self.data = DataIterator(pack(examples, cfg.seq_len), cfg.batch_size, cfg.seed)
         self.eval_rows = None
         if cfg.eval:
-            eval_examples, eval_report = load_examples(cfg.eval, tokenizer, cfg.seq_len, on_bad=cfg.bad_rows)
-            log(eval_report.summary())
-            self.eval_rows = pack(eval_examples, cfg.seq_len)
+            self.eval_rows = pack(self._load_examples(cfg.eval, tokenizer)[0], cfg.seq_len)
 
         self.mm = sharding.ModelMesh.build(self.config, cfg.mesh)
         for note in self.mm.notes:
@@ -126,9 +115,17 @@ class Trainer:
 
         self.opt_cfg = cfg.optimizer_config()
         self.optimizer = ts.make_optimizer(self.opt_cfg)
-        self.ckpt_dir = os.path.abspath(os.path.join(cfg.output, "checkpoints"))
         self.final_dir = os.path.join(cfg.output, "final")
         self.adapter_dir = os.path.join(cfg.output, "final_adapter")
+
+    def _load_examples(self, path: str, tokenizer: Tokenizer):
+        """Every row validated; the report logged; bad rows refused in one line when bad_rows is "error"."""
+        examples, report = load_examples(path, tokenizer, self.cfg.seq_len, on_bad="skip")
+        self.log(report.summary())
+        if report.bad and self.cfg.bad_rows == "error":
+            raise ValueError(f"{path}: {len(report.bad)} bad rows (the first on line {report.bad[0][0]}); fix "
+                             "them, or set bad_rows: skip to train without them")
+        return examples, report
 
     # ---- state -----------------------------------------------------------------------------------------------
     def _init_trainable(self, shardings):
@@ -142,23 +139,6 @@ class Trainer:
         init = jax.jit(functools.partial(TrainState.create, optimizer=self.optimizer, seed=self.cfg.seed),
                        out_shardings=state_sh)  # optimizer state created in place on the mesh
         return init(self._init_trainable(state_sh.params))
-
-    def _restore(self, manager, step: int, abstract: TrainState, state_sh: TrainState):
-        import orbax.checkpoint as ocp
-
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-        got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target.as_dict()),
-                                                            data=ocp.args.JsonRestore()))
-        return TrainState.from_dict(got["state"]), got["data"]
-
-    def _save(self, manager, state: TrainState, step: int, eval_loss: float | None) -> None:
-        import orbax.checkpoint as ocp
-
-        # Returns once the arrays are copied off the device buffers (the next step may donate them); the
-        # files are written in a background thread.
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state.as_dict()),
-                                                   data=ocp.args.JsonSave(self.data.state())),
-                     metrics=None if eval_loss is None else {"eval_loss": eval_loss}, force=True)
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, eval_fn, state: TrainState, frozen) -> float:
@@ -184,13 +164,17 @@ class Trainer:
         "done" at once."""
         cfg = self.cfg
         os.makedirs(cfg.output, exist_ok=True)
-        manager = checkpoint_manager(self.ckpt_dir, cfg.keep_checkpoints)
-        latest = manager.latest_step()
-        if latest is not None and latest >= cfg.steps and os.path.isdir(self.final_dir):
-            self.log(f"{cfg.output}: already trained to step {latest} with {self.final_dir} written; nothing to do")
-            manager.close()
+        ckpts = RunCheckpoints(cfg, self.train_fingerprint, self.log)
+        steps = ckpts.steps()
+        if steps and steps[0] >= cfg.steps and os.path.isdir(self.final_dir):
+            self.log(f"{cfg.output}: already trained to step {steps[0]} with {self.final_dir} written; nothing to do")
+            ckpts.close()
             return "done"
-        self._write_run_config(resuming=latest is not None)
+        try:
+            changed = ckpts.check_resume(steps) if steps else []  # before anything is written
+        except BaseException:
+            ckpts.close()
+            raise
 
         stop = {"signal": False}
         restore_handler = _on_sigterm(lambda: stop.update(signal=True))
@@ -201,13 +185,13 @@ class Trainer:
                 frozen = None
                 if self.lora_spec is not None:
                     frozen = load_base(cfg, self.config, self.numerics.dtype, self.mm)
-                if latest is None:
+                if not steps:
                     state, start = self._init_state(state_sh), 0
+                    run_dir.record_start(cfg, None, self.log)
                 else:
-                    state, data_state = self._restore(manager, latest, abstract, state_sh)
-                    self.data.restore(data_state)
+                    step, state = ckpts.restore_newest(steps, abstract, state_sh, self.data, changed)
                     start = int(state.step)
-                    self.log(f"resuming from {self.ckpt_dir}/{latest} (step {start}, data {data_state})")
+                    run_dir.record_start(cfg, step, self.log)
                 metrics_log = MetricsLog(os.path.join(cfg.output, "metrics.jsonl"), start,
                                          os.path.join(cfg.output, "tensorboard") if cfg.tensorboard else None,
                                          self.log)
@@ -216,15 +200,15 @@ class Trainer:
                 eval_fn = None
                 if self.eval_rows is not None:
                     eval_fn = ts.jit_eval_step(self.config, self.numerics, self.lora_spec)
-                return self._loop(manager, state, frozen, start, until_step, step_fn, eval_fn, metrics_log, stop)
+                return self._loop(ckpts, state, frozen, start, until_step, step_fn, eval_fn, metrics_log, stop)
         finally:
             restore_handler()
-            manager.wait_until_finished()
-            manager.close()
+            ckpts.close()
             if metrics_log is not None:
                 metrics_log.close()
 
-    def _loop(self, manager, state, frozen, start, until_step, step_fn, eval_fn, metrics_log, stop) -> str:
+    def _loop(self, ckpts: RunCheckpoints, state, frozen, start, until_step, step_fn, eval_fn, metrics_log,
+              stop) -> str:
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
                    disable=not cfg.progress or not distributed.is_main(), file=sys.stderr)
@@ -268,7 +252,7 @@ class Trainer:
                 bar.update(1)
                 interrupted = stop["signal"] or (until_step is not None and step >= until_step)
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps or interrupted:
-                    self._save(manager, state, step, extra.get("eval_loss"))
+                    ckpts.save(state, step, self.data.state(), extra.get("eval_loss"))
                     last_saved = step
                 if interrupted:
                     status = "preempted" if stop["signal"] else "stopped"
@@ -282,7 +266,7 @@ class Trainer:
             return status
         if best is not None:
             self.log(f"best eval loss {best[1]:.4f} at step {best[0]}")
-        manager.wait_until_finished()
+        ckpts.wait()
         self.write_final(state, frozen)
         return status
 
@@ -305,44 +289,6 @@ class Trainer:
                 checkpoint.save_adapter(self.adapter_dir, adapters, self.lora_spec, self.config, base)
             distributed.barrier("mistral_jax.trainer.adapter")
             self.log(f"wrote {self.adapter_dir} (PEFT LoRA adapters)")
-
-    def _write_run_config(self, resuming: bool) -> None:
-        if not distributed.is_main():
-            return
-        path = os.path.join(self.cfg.output, "train_config.json")
-        now = self.cfg.to_dict()
-        if resuming and os.path.exists(path):
-            with open(path) as f:
-                before = json.load(f)
-            try:  # a v0.1 run directory holds the flat form
-                before = TrainConfig.from_dict(before, path, note=lambda _: None).to_dict()
-            except (ValueError, TypeError):
-                pass
-            a, b = _flat(now), _flat(before)
-            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            if {k.split(".")[0] for k in changed} - _BOOKKEEPING:
-                self.log(f"warning: resuming {self.cfg.output} with changed settings: {', '.join(changed)}; "
-                         "the run will not equal an uninterrupted one")
-            elif changed:
-                self.log(f"note: resuming {self.cfg.output} with changed settings: {', '.join(changed)}")
-        with open(path, "w") as f:
-            json.dump(now, f, indent=2)
-            f.write("\n")
-
-
-# Settings that do not change what is computed: a resumed run may change them and still equal an uninterrupted one.
-_BOOKKEEPING = {"output", "eval", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard",
-                "progress", "max_bad_steps", "mesh"}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "model":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _on_sigterm(callback: Callable[[], None]) -> Callable[[], None]:

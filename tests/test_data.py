@@ -6,19 +6,17 @@ import json
 import jax
 import numpy as np
 import pytest
+from chats import asst, sys_, user
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mistral_jax.config import Numerics, get_preset
 from mistral_jax.data import KEYS, DataIterator, Example, load_examples, pack
 from mistral_jax.model import forward
 from mistral_jax.params import param_shapes
 from mistral_jax.tokenizer import Tokenizer
-
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.protocol.instruct.validator import ValidationMode
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from chats import sys_, user, asst  # noqa: E402
-
 
 CONVERSATIONS = [
     [user("What is 2+2?"), asst("4")],
@@ -216,6 +214,28 @@ def test_bad_rows_are_reported_with_line_numbers(tmp_path, v1_tokenizer_path):
     only_bad = write_jsonl(tmp_path / "all_bad.jsonl", lines[1:4])
     with pytest.raises(ValueError, match="all_bad.jsonl: no usable rows"):
         load_examples(only_bad, tok, seq_len=32)
+
+
+def test_lone_surrogate_is_a_bad_row_naming_file_and_line(tmp_path, v1_tokenizer_path):
+    """JSON's "\\ud800" escape reads as a lone surrogate, which the tokenizer cannot take: it was a crash of
+    data validation without a line number, and is now a bad row of its line (issue 20)."""
+    tok = Tokenizer.from_file(v1_tokenizer_path)
+    path = tmp_path / "surrogate.jsonl"
+    lines = [{"messages": [user("Hi"), asst("Hello")]},
+             {"messages": [user("Hi \ud800 there"), asst("Hello")]},
+             {"prompt": "Hi", "completion": "\udfff"},
+             {"messages": [sys_("\ud83d"), user("Hi"), asst("Hello")]}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in lines))  # ensure_ascii writes the \\u escapes
+    assert "\\ud800" in path.read_text()
+    examples, report = load_examples(str(path), tok, seq_len=64)
+    assert [ex.line for ex in examples] == [1]
+    assert [line for line, _ in report.bad] == [2, 3, 4]
+    assert all(reason.startswith("bad content: ") and "not valid Unicode (lone surrogate" in reason
+               for _, reason in report.bad), report.bad
+    assert "bad content: 3 (lines 2, 3, 4)" in report.summary()
+    with pytest.raises(ValueError, match=r"surrogate\.jsonl: 3 bad rows") as err:
+        load_examples(str(path), tok, seq_len=64, on_bad="error")
+    assert "lines 2, 3, 4" in str(err.value)
 
 
 def test_prompt_completion_equals_messages(tmp_path, version, tokenizer_paths):

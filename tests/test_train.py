@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from chats import asst, user
 
 from mistral_jax import lora as lora_lib
 from mistral_jax import model as model_lib
@@ -20,7 +21,6 @@ from mistral_jax.data import DataIterator, load_examples, pack
 from mistral_jax.lora import LoraConfig
 from mistral_jax.tokenizer import Tokenizer
 from mistral_jax.train_state import TrainState
-from chats import user, asst  # noqa: E402
 
 CONFIG = get_preset("tiny")
 F32 = Numerics()  # float32 params and compute

@@ -14,6 +14,10 @@ On several hosts, every host runs the same command (TPU pods, SLURM and Open MPI
 the three multi-host flags) with OUTPUT on a file system they share: every process reads and validates the
 data file and feeds its own devices their rows of each batch; orbax writes each process's shards; process 0
 writes the metrics, the logs and the adapter files.
+
+Exit status: 0 trained; 1 too many non-finite losses; 2 a user error, told in one line `error: ...` (settings,
+data, files; a resume whose batch size, seq_len or training data differ from the checkpoint's; no checkpoint
+that restores); 3 stopped by SIGTERM (run the same command again to resume).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from mistral_jax import distributed
 from mistral_jax.memory_plan import MemoryPlanError
 from mistral_jax.train_config import TrainConfig
-from mistral_jax.trainer import NonFiniteLossError, Trainer
+from mistral_jax.trainer import NonFiniteLossError, ResumeError, Trainer
 
 # flag -> TrainConfig key (lr and lora_rank go to optimizer.lr and lora.rank; lora_rank 0 = full fine-tuning)
 FLAGS = {"init": str, "train": str, "eval": str, "tokenizer": str, "output": str, "steps": int, "lr": float,
@@ -55,6 +59,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def fail(e: BaseException, code: int = 2) -> int:
+    """A user error: one line `error: ...` (a message of several lines joined), no traceback."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    print(f"error: {'; '.join(lines)}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = {name: getattr(args, name) for name in FLAGS}
@@ -63,15 +74,16 @@ def main(argv=None) -> int:
         cfg = TrainConfig.load(args.config, **overrides)
         distributed.initialize(args)  # before any other JAX call; nothing to do for one process
         trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError, MemoryPlanError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # OSError: a file that cannot be read or a directory that cannot be made (missing, a directory, no access).
+    except (ValueError, OSError, MemoryPlanError) as e:
+        return fail(e)
     t0 = time.perf_counter()
     try:
         status = trainer.run()
+    except (ResumeError, OSError) as e:  # no checkpoint restores, another batch size or data; no room, no access
+        return fail(e)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(e, 1)
     distributed.log(f"{status} in {time.perf_counter() - t0:.1f}s: {cfg.output}")
     return 0 if status == "done" else 3
 
