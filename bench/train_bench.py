@@ -1,12 +1,14 @@
 """Training benchmark: this project against transformers (PyTorch, CPU) on the same 125M Mistral, in one run.
 
-  python bench/train_bench.py [--batch 4] [--seq 256] [--steps 5] [--warmup 2] [--json]
+  python bench/train_bench.py [--batch 4] [--seq 256] [--steps 5] [--warmup 2] [--baseline REV] [--json]
 
 Both sides run full fine-tuning steps in float32 on the same shape ('mistral-125m': dim 768, 12 layers, 12 heads,
 4 KV heads, head_dim 64, ffn 2048, vocab 32000, window 256), the same batch of random tokens with every target
 carrying loss, AdamW and global-norm clipping at 1.0. Ours is mistral_jax.train_step's jitted step (state
 donated); theirs is MistralForCausalLM(labels=...) + loss.backward() + clip_grad_norm_ + torch.optim.AdamW.
-The first `warmup` steps (compilation for us, allocator warm-up for torch) are not timed.
+The first `warmup` steps (compilation for us, allocator warm-up for torch) are not timed. `--baseline REV`
+also runs this script of git revision REV (default 1111997, the code before the one-model-one-layout change)
+in a checkout of its own, between ours and transformers, and prints our speed against it.
 
 MFU is against this machine's float32 matmul rate, measured here with a 4096^3 jnp matmul. Training FLOPs per
 token = 6 N (N = params doing matmuls: all but the embedding table) + 12 x layers x heads x head_dim x keys
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -71,8 +75,9 @@ def batch_arrays(batch: int, seq: int, vocab: int):
 def bench_jax(config, tokens, steps: int, warmup: int) -> list[float]:
     import jax
 
-    from mistral_jax import model as model_lib
+    from mistral_jax import params as params_lib
     from mistral_jax import train_step as ts
+    from mistral_jax.train_state import TrainState
 
     b, t1 = tokens.shape
     seq = t1 - 1
@@ -82,8 +87,8 @@ def bench_jax(config, tokens, steps: int, warmup: int) -> list[float]:
              "segment_ids": np.ones((b, seq), np.int32)}
     batch = jax.device_put(batch)
     opt_cfg = ts.OptimizerConfig(lr=1e-4, total_steps=1000, clip_norm=1.0, weight_decay=0.0)
-    params = jax.jit(model_lib.init_params, static_argnums=0)(config, jax.random.key(0))
-    state = ts.init_state(params, ts.make_optimizer(opt_cfg), 0)
+    params = jax.jit(params_lib.init_params, static_argnums=0)(config, jax.random.key(0))
+    state = TrainState.create(params, ts.make_optimizer(opt_cfg), 0)
     step = ts.jit_train_step(config, opt_cfg)
     times = []
     for i in range(warmup + steps):
@@ -122,6 +127,22 @@ def bench_torch(config, tokens, steps: int, warmup: int, threads: int) -> list[f
     return times
 
 
+def bench_baseline(rev: str, args) -> dict:
+    """This script at git revision `rev`, run in a checkout of its own; its --json result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "baseline")
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", path, rev], check=True, capture_output=True)
+        try:
+            res = subprocess.run([sys.executable, "bench/train_bench.py", "--json", "--batch", str(args.batch), "--seq",
+                                  str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                 cwd=path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+        finally:
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", path], capture_output=True)
+    if res.returncode:
+        sys.exit(f"baseline {rev} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=4)
@@ -129,17 +150,19 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--baseline", default="1111997", help="git revision to run beside ours ('' = none)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
     from mistral_jax.config import get_preset
 
-    config = get_preset("mistral-125m", dtype="float32", param_dtype="float32", max_seq_len=max(4096, args.seq))
+    config = get_preset("mistral-125m", max_seq_len=max(4096, args.seq))
     tokens = batch_arrays(args.batch, args.seq, config.vocab_size)
     n_tok = args.batch * args.seq
 
     peak = matmul_flops_per_s()
     ours = bench_jax(config, tokens, args.steps, args.warmup)
+    baseline = bench_baseline(args.baseline, args) if args.baseline else None
     theirs = bench_torch(config, tokens, args.steps, args.warmup, args.threads)
     fpt = flops_per_token(config, args.seq)
     res = {"config": "mistral-125m", "params": config.num_params, "batch": args.batch, "seq": args.seq,
@@ -150,6 +173,9 @@ def main(argv=None) -> int:
         res[name] = {"step_s": step_s, "tokens_per_s": tps, "mfu": tps * fpt / peak,
                      "step_s_all": [round(x, 3) for x in times]}
     res["speedup"] = res["mistral_jax"]["tokens_per_s"] / res["transformers"]["tokens_per_s"]
+    if baseline:
+        res["baseline"] = {"rev": args.baseline, **baseline["mistral_jax"]}
+        res["vs_baseline"] = res["mistral_jax"]["tokens_per_s"] / baseline["mistral_jax"]["tokens_per_s"]
     if args.json:
         print(json.dumps(res))
         return 0
@@ -159,7 +185,12 @@ def main(argv=None) -> int:
     for name in ("mistral_jax", "transformers"):
         r = res[name]
         print(f"  {name:13s} {r['step_s']:7.2f} s/step  {r['tokens_per_s']:8.1f} tokens/s  MFU {r['mfu']:.1%}")
-    print(f"  speedup: {res['speedup']:.2f}x")
+    if baseline:
+        r = res["baseline"]
+        print(f"  {'rev ' + args.baseline:13s} {r['step_s']:7.2f} s/step  {r['tokens_per_s']:8.1f} tokens/s  "
+              f"MFU {r['mfu']:.1%}")
+    print(f"  speedup: {res['speedup']:.2f}x transformers" + (f", {res['vs_baseline']:.2f}x rev {args.baseline}"
+                                                            if baseline else ""))
     return 0
 
 
