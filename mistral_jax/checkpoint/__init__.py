@@ -4,6 +4,8 @@
   checkpoint.save(path, params, config, tokenizer=src)      # ours (orbax), crash-safe, any number of processes
   checkpoint.export_hf(path, params, config, "bfloat16")    # what MistralForCausalLM.from_pretrained loads
   checkpoint.convert(src, dst, to="hf")
+  spec, adapters = checkpoint.load_adapter(adapter_dir, config)   # a PEFT LoRA adapter (lora.attach / training)
+  params = checkpoint.merge_adapter(params, adapter_dir, config)  # ... or folded into the weights
 
 Every name, shape and layout comes from the param spec (params.WEIGHTS); the param tree is the stacked,
 in-major tree of params.py whatever the source. The formats live in their own modules: files (detection,
@@ -25,13 +27,24 @@ from ..config import MistralConfig
 from . import files, integrity, orbax, safetensors
 from .files import ORBAX_CONFIG, ORBAX_PARAMS, TOKENIZER_FILES, CheckpointError, detect_format, load_config, np_dtype
 from .orbax import save
-from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_tensors, save_adapter
+from .peft import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    UnsupportedAdapter,
+    adapter_config,
+    adapter_tensors,
+    load_adapter,
+    merge_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 from .safetensors import export_hf, export_native
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ORBAX_CONFIG", "ORBAX_PARAMS", "TOKENIZER_FILES",
-           "CheckpointError", "Conversion", "adapter_config", "adapter_tensors", "convert", "detect_format",
-           "export_hf", "export_native", "files", "integrity", "load_config", "load_host_params", "load_params",
-           "orbax", "safetensors", "save", "save_adapter"]
+           "CheckpointError", "Conversion", "UnsupportedAdapter", "adapter_config", "adapter_tensors", "convert",
+           "detect_format", "export_hf", "export_native", "files", "integrity", "load_adapter", "load_config",
+           "load_host_params", "load_params", "merge_adapter", "orbax", "read_adapter_config", "safetensors", "save",
+           "save_adapter"]
 
 Params = dict[str, Any]
 
@@ -101,19 +114,24 @@ class Conversion:
 
 
 def convert(src: str, dst: str, to: str = "orbax", dtype: str | None = None, *, max_shard_bytes: float = 5e9,
-            overwrite: bool = False, check_finite: bool = True) -> Conversion:
+            overwrite: bool = False, check_finite: bool = True, adapter: str | None = None) -> Conversion:
     """Converts a checkpoint directory to `to` in {"orbax", "hf", "native"}; tokenizer files come along.
 
-    dtype None keeps the source's dtype. `check_finite`: as in load_params. Host memory: one copy of the
-    weights in `dtype` plus one tensor (plus one shard when writing safetensors)."""
+    dtype None keeps the source's dtype. `check_finite`: as in load_params. `adapter`: a PEFT LoRA adapter
+    directory folded into the weights (merge_adapter). Host memory: one copy of the weights in `dtype` plus
+    one tensor (plus one shard when writing safetensors)."""
     if to not in ("orbax", "hf", "native"):
         raise ValueError(f"convert: to must be 'orbax', 'hf' or 'native', got {to!r}")
+    if adapter is not None:
+        read_adapter_config(adapter)  # a wrong adapter directory is named before the base is read
     fmt = detect_format(src)
     config = load_config(src)
     if fmt == "orbax":
         params = load_params(src, config, dtype=dtype or orbax.stored_dtype(src), check_finite=check_finite)
     else:
         params = load_host_params(src, config, dtype, check_finite=check_finite)
+    if adapter is not None:
+        params = merge_adapter(params, adapter, config, check_finite=check_finite)
     name = np.dtype(params["norm"]["scale"].dtype).name
     if to == "orbax":
         save(dst, params, config, tokenizer=src, overwrite=overwrite)
