@@ -1,8 +1,8 @@
 """Resumable batch generation over a JSONL file.
 
-  python -m infer.generate --checkpoint DIR --input F.jsonl --output F.jsonl [--tokenizer PATH]
+  python -m infer.generate --checkpoint DIR --input F.jsonl --output F.jsonl [--tokenizer PATH] [--adapter DIR]
       [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR ...]
-      [--batch-size B] [--dtype float32|bfloat16|float16] [--mesh SPEC]
+      [--batch-size B] [--dtype float32|bfloat16|float16] [--no-check] [--mesh SPEC]
       [--coordinator HOST:PORT --num-processes N --process-id I]   (docs/scaling.md)
 
 Input rows: {"id", "prompt": str} (BOS added), {"id", "messages": [...]} (the tokenizer's chat format) or
@@ -13,13 +13,14 @@ batched by prompt length within windows of 8 batches (less padding); output is a
 every batch, each row as soon as the rows before it are written: re-running the same command skips the rows
 already written and generates the rest. A bad row becomes {"id", "error"} and the job goes on.
 --output gets a manifest (OUTPUT.manifest.json: the input's hash and the settings) and a lock while the job
-runs; an existing output of another input or other settings is refused. Errors in the command line or its
-files: one line `error: ...`, exit 2. The job itself is mistral_jax/batch_job.py, its output job_output.py.
+runs; an existing output of another input or other settings is refused. --adapter folds a PEFT LoRA adapter
+into the weights; --no-check loads weights that hold NaN/inf instead of refusing them. Errors in the command
+line or its files: one line `error: ...`, exit 2. The job itself is mistral_jax/batch_job.py, its output
+job_output.py.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 
@@ -70,9 +71,7 @@ def _main(args) -> int:
     with launch.user_errors(files=True):
         mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(
             c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="generate"))
-    out = JobOutput(args.output, args.input, batch_job.settings(
-        base, args.seed, checkpoint=os.path.abspath(args.checkpoint), dtype=args.dtype,
-        tokenizer=os.path.abspath(args.tokenizer) if args.tokenizer else None))
+    out = JobOutput(args.output, args.input, batch_job.settings(base, args.seed, **launch.model_settings(args)))
     out.check()
     with out:
         batch_size = launch.batch_size(args.batch_size, mm)
@@ -80,8 +79,8 @@ def _main(args) -> int:
         timer = api.CompileTimer()
         t_start = time.perf_counter()
         with launch.user_errors(files=True):
-            model = api.Mistral(api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm),
-                                batch_size=batch_size)
+            model = api.Mistral(api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm,
+                                               **launch.load_model_kwargs(args)), batch_size=batch_size)
         if args.stop and model.tokenizer is None:
             raise launch.UserError("--stop needs a tokenizer")
         load_s = time.perf_counter() - t_start

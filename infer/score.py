@@ -1,7 +1,7 @@
 """Per-token log-probabilities and perplexity of a JSONL file.
 
-  python -m infer.score --checkpoint DIR --input F.jsonl --output F.jsonl [--tokenizer PATH]
-                        [--dtype float32|bfloat16|float16] [--batch-size N] [--mesh SPEC]
+  python -m infer.score --checkpoint DIR --input F.jsonl --output F.jsonl [--tokenizer PATH] [--adapter DIR]
+                        [--dtype float32|bfloat16|float16] [--batch-size N] [--no-check] [--mesh SPEC]
                         [--coordinator HOST:PORT --num-processes N --process-id I]   (docs/scaling.md)
 
 Input rows: {"id", "text"} (tokenized with BOS) or {"id", "ids": [...]} (used as given). Output rows, one
@@ -9,14 +9,14 @@ per non-blank input line, in input order: {"id", "token_logprobs": [log p(x_t | 
 over those tokens), "num_tokens" (n), "perplexity" (exp(nll / (n-1)))}; a bad row becomes {"id", "error"} and
 the job goes on. The output is resumable like infer.generate's (mistral_jax/job_output.py): appended and
 fsynced chunk by chunk, with a manifest and a lock; re-running the same command scores only the rows left.
-Errors in the command line or its files: one line `error: ...`, exit 2.
+--adapter folds a PEFT LoRA adapter into the weights; --no-check loads weights that hold NaN/inf instead of
+refusing them. Errors in the command line or its files: one line `error: ...`, exit 2.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import os
 import sys
 import time
 
@@ -90,15 +90,13 @@ def _main(args) -> int:
     with launch.user_errors(files=True):
         mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(
             c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="score"))
-    out = JobOutput(args.output, args.input, {
-        "job": "score", "checkpoint": os.path.abspath(args.checkpoint), "dtype": args.dtype,
-        "tokenizer": os.path.abspath(args.tokenizer) if args.tokenizer else None})
+    out = JobOutput(args.output, args.input, {"job": "score", **launch.model_settings(args)})
     out.check()
     with out:
         batch_size = launch.batch_size(args.batch_size, mm)
         t0 = time.perf_counter()
         with launch.user_errors(files=True):
-            m = api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm)
+            m = api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm, **launch.load_model_kwargs(args))
         c = m.config
         print(f"loaded {args.checkpoint}: {c.num_params / 1e6:.1f}M params, {args.dtype}, "
               f"window {c.sliding_window}, in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

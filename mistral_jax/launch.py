@@ -4,7 +4,7 @@ weight is read.
 
   p = argparse.ArgumentParser(); launch.add_model_args(p)   # --checkpoint ... --mesh and the multi-host flags
   mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(c, mesh, ...))
-  model = api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm)
+  model = api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm, **launch.load_model_kwargs(args))
   batch_size = launch.batch_size(args.batch_size, mm)
 """
 
@@ -77,13 +77,33 @@ def add_args(parser) -> None:
 
 
 def add_model_args(parser, batch_size: int = 8) -> None:
-    """The flags of a tool that runs a checkpoint: --checkpoint --tokenizer --dtype --batch-size, then
-    add_args'."""
+    """The flags of a tool that runs a checkpoint: --checkpoint --adapter --tokenizer --dtype --batch-size
+    --no-check, then add_args'. Load with load_model_kwargs(args)."""
     parser.add_argument("--checkpoint", required=True, help="our checkpoint, or a transformers / Mistral directory")
+    parser.add_argument("--adapter", metavar="DIR",
+                        help="a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors), folded into "
+                             "the checkpoint's weights")
     parser.add_argument("--tokenizer", help="sentencepiece model (default: tokenizer.model in the checkpoint)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--no-check", action="store_true",
+                        help="load weights holding NaN/inf (or not matching their checksums) instead of refusing")
     add_args(parser)
+
+
+def load_model_kwargs(args) -> dict:
+    """api.load_model's keyword arguments from add_model_args' flags (adapter, check_finite)."""
+    return {"adapter": args.adapter, "check_finite": not args.no_check}
+
+
+def model_settings(args) -> dict:
+    """What of add_model_args' flags makes two batch jobs the same (their output manifest): the checkpoint,
+    dtype, tokenizer, and the adapter when there is one."""
+    out = {"checkpoint": os.path.abspath(args.checkpoint), "dtype": args.dtype,
+           "tokenizer": os.path.abspath(args.tokenizer) if args.tokenizer else None}
+    if getattr(args, "adapter", None):
+        out["adapter"] = os.path.abspath(args.adapter)
+    return out
 
 
 def start(args, checkpoint_path: str, plan: Callable[[MistralConfig, object], memory_plan.Plan] | None = None,
@@ -91,11 +111,14 @@ def start(args, checkpoint_path: str, plan: Callable[[MistralConfig, object], me
     """Joins the other processes, builds the mesh of `args.mesh`, prints its notes and the memory plan.
 
     Raises UserError (a SystemExit) when the mesh does not fit the devices or the model, or when the
-    params, optimizer state and KV cache cannot fit the memory JAX reports for a device."""
+    params, optimizer state and KV cache cannot fit the memory JAX reports for a device; the checkpoint's
+    config and an --adapter's config are read here (their errors: wrap the call in user_errors(files=True))."""
     distributed.initialize(args)
     try:
         mesh = sharding.make_mesh(getattr(args, "mesh", None))
         config = checkpoint.load_config(checkpoint_path, **config_overrides)
+        if getattr(args, "adapter", None):
+            checkpoint.peft.read_adapter_config(args.adapter)  # a wrong directory is named before any work
         mm = sharding.ModelMesh(mesh, config)
         n = mesh.devices.size
         if n < jax.device_count():
