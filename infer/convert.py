@@ -18,8 +18,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
-
 from mistral_jax import checkpoint
 
 
@@ -41,13 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory, merged into the weights")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    kw = dict(to=args.to, dtype=args.dtype, max_shard_bytes=args.max_shard_gb * 1e9, overwrite=args.overwrite,
-              check_finite=not args.no_check)
     try:
-        if args.adapter:
-            done = convert_merged(args.src, args.dst, args.adapter, **kw)
-        else:
-            done = checkpoint.convert(args.src, args.dst, **kw)
+        done = checkpoint.convert(args.src, args.dst, to=args.to, dtype=args.dtype,
+                                  max_shard_bytes=args.max_shard_gb * 1e9, overwrite=args.overwrite,
+                                  check_finite=not args.no_check, adapter=args.adapter)
     except (OSError, ValueError) as e:  # a missing or malformed source, an existing --dst
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
@@ -57,29 +52,6 @@ def main(argv=None) -> int:
           f"{config.num_params / 1e6:.1f}M params, {config.n_layers} layers, window {config.sliding_window}, "
           f"in {time.perf_counter() - t0:.1f}s")
     return 0
-
-
-def convert_merged(src: str, dst: str, adapter: str, *, to: str, dtype: str | None, max_shard_bytes: float,
-                   overwrite: bool, check_finite: bool) -> checkpoint.Conversion:
-    """checkpoint.convert with the PEFT adapter in `adapter` folded into the weights (W + scale A B, computed in
-    float32, stored in the weights' dtype) before they are written."""
-    checkpoint.peft.read_adapter_config(adapter)  # a wrong adapter directory is named before the base is read
-    fmt = checkpoint.detect_format(src)
-    config = checkpoint.load_config(src)
-    if fmt == "orbax":
-        params = checkpoint.load_params(src, config, dtype=dtype or checkpoint.orbax.stored_dtype(src),
-                                        check_finite=check_finite)
-    else:
-        params = checkpoint.load_host_params(src, config, dtype, check_finite=check_finite)
-    params = checkpoint.merge_adapter(params, adapter, config, check_finite=check_finite)
-    name = np.dtype(params["norm"]["scale"].dtype).name
-    if to == "orbax":
-        checkpoint.save(dst, params, config, tokenizer=src, overwrite=overwrite)
-    elif to == "hf":
-        checkpoint.export_hf(dst, params, config, name, max_shard_bytes, tokenizer=src, overwrite=overwrite)
-    else:
-        checkpoint.export_native(dst, params, config, name, tokenizer=src, overwrite=overwrite)
-    return checkpoint.Conversion(config, name, fmt)
 
 
 if __name__ == "__main__":

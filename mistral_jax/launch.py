@@ -118,7 +118,7 @@ def start(args, checkpoint_path: str, plan: Callable[[MistralConfig, object], me
         mesh = sharding.make_mesh(getattr(args, "mesh", None))
         config = checkpoint.load_config(checkpoint_path, **config_overrides)
         if getattr(args, "adapter", None):
-            checkpoint.peft.read_adapter_config(args.adapter)  # a wrong directory is named before any work
+            checkpoint.read_adapter_config(args.adapter)  # a wrong directory is named before any work
         mm = sharding.ModelMesh(mesh, config)
         n = mesh.devices.size
         if n < jax.device_count():
