@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import distributed
+from .checkpoint import integrity
 from .train_config import TrainConfig
 
 RECORD = "run"  # the checkpoint item holding record()
@@ -66,28 +66,9 @@ def record(cfg: TrainConfig, fingerprint: dict, checksums: dict[str, str]) -> di
             "checksums": checksums}
 
 
-def _fmix(h: jax.Array) -> jax.Array:
-    """murmur3's 32-bit finalizer: every input bit flips about half the output bits."""
-    h = h ^ (h >> 16)
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
 def _leaf_sum(x: jax.Array) -> jax.Array:
-    """uint32 [2]: a wrapping sum over the values' bits mixed with their positions. Order-independent, so it
-    is the same whatever the sharding the array is saved or restored with."""
-    if x.dtype == jnp.bool_:
-        x = x.astype(jnp.uint8)
-    size = x.dtype.itemsize
-    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}.get(size, jnp.uint32)).astype(jnp.uint32)
-    index = jnp.zeros(bits.shape, jnp.uint32)
-    for d, n in enumerate(bits.shape):  # the row-major position, wrapping past 2^32 values
-        index = index * np.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d)
-    key = _fmix(index + np.uint32(0x9E3779B9))
-    return jnp.stack([jnp.sum(_fmix(bits ^ key), dtype=jnp.uint32),
-                      jnp.sum(_fmix(bits + _fmix(key ^ np.uint32(0x7F4A7C15))), dtype=jnp.uint32)])
+    """uint32 [2]: the checkpoint checksum lanes (order-independent, so the same whatever the sharding)."""
+    return jnp.stack(integrity.lanes(x))
 
 
 _tree_sums = jax.jit(lambda tree: jax.tree.map(_leaf_sum, tree))

@@ -28,21 +28,25 @@ def _fmix(h: jax.Array) -> jax.Array:
     return h ^ (h >> 16)
 
 
-@jax.jit
-def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(number of non-finite values, checksum lane a, lane b) of a float array, as uint32 (wrapping)."""
-    width = {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+def lanes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two uint32 checksum lanes of an array of any dtype: wrapping sums of its values' bits mixed with
+    their row-major positions (traceable; XLA fuses it into one pass with no temporary as large as x)."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
     bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
     index = jnp.zeros(x.shape, jnp.uint32)
     for d, n in enumerate(x.shape):  # the row-major position, wrapping past 2^32 values
         index = index * np.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d)
     key = _fmix(index + np.uint32(0x9E3779B9))
-    a = _fmix(bits ^ key)
-    b = _fmix(bits + _fmix(key ^ np.uint32(0x7F4A7C15)))
-    bad = (~jnp.isfinite(x)).astype(jnp.uint32)
-    # One variadic reduction: XLA fuses it with everything above, so no temporary as large as x.
-    return jax.lax.reduce((bad, a, b), (np.uint32(0),) * 3, lambda p, q: tuple(u + v for u, v in zip(p, q)),
-                          tuple(range(x.ndim)))
+    return (jnp.sum(_fmix(bits ^ key), dtype=jnp.uint32),
+            jnp.sum(_fmix(bits + _fmix(key ^ np.uint32(0x7F4A7C15))), dtype=jnp.uint32))
+
+
+@jax.jit
+def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(number of non-finite values, checksum lane a, lane b) of a float array, as uint32 (wrapping)."""
+    return (jnp.sum(~jnp.isfinite(x), dtype=jnp.uint32), *lanes(x))
 
 
 def stats(x: Any) -> tuple[int, str]:
