@@ -1,23 +1,35 @@
-"""Per-device memory plan of a job on a named accelerator, without the accelerator.
+"""Per-device memory plan of a job on a named accelerator, without the accelerator; with --compile, the TPU
+compiler's own figures for the programs the tools would run there.
 
   python -m infer.plan --preset mistral-7b-v0.1 --mesh fsdp=8 --dtype bfloat16 --device h100
       [--job generate score lora full] [--batch 32 --len 4096] [--train-batch 8 --seq-len 4096]
       [--lora-rank 16] [--memory-gib G] [--markdown]
+  python -m infer.plan --preset mistral-7b-v0.1 --dtype bfloat16 --topology v5e:2x4 --mesh fsdp=8
+      --job generate --batch-size 32 --compile --json
+  python -m infer.plan --preset mistral-7b-v0.1 --topology v5e:2x4 --job lora
+      --config configs/mistral-7b-lora-v5e-8.yaml --compile
 
 Params, optimizer state and KV cache are exact for our layout (mistral_jax/memory_plan.py); activations
-are an estimate. The tools print the same plan at start-up against the memory JAX reports.
+are an estimate. The tools print the same plan at start-up against the memory JAX reports. --compile
+(needs libtpu: the tpu-aot extra) compiles for the --topology's TPU devices from abstract weights
+(mistral_jax/aot.py) and prints per device the planned and compiled bytes, the chip's HBM, whether it fits,
+the compile time and the compiler's time estimate. A --config (a train.finetune run config) gives the
+training job its mesh, batch, grad_accum, sequence length, LoRA rank and numerics; flags given override it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import sys
 
 from mistral_jax import checkpoint, memory_plan, sharding
-from mistral_jax.config import PRESETS, get_preset
+from mistral_jax.config import PRESETS, Numerics, get_preset
 
 JOBS = ("generate", "score", "lora", "full")
+TOPOLOGY_CHIPS = ("v4", "v5e", "v5p", "v6e")
 
 
 def parse_args(argv=None):
@@ -31,13 +43,27 @@ def parse_args(argv=None):
                    help="params and KV cache for inference; frozen base params for LoRA")
     p.add_argument("--device", choices=list(memory_plan.DEVICES), help="accelerator whose memory to check")
     p.add_argument("--memory-gib", type=float, help="memory per device in GiB (instead of --device)")
-    p.add_argument("--job", nargs="+", default=["generate", "lora", "full"], choices=JOBS)
+    p.add_argument("--topology", metavar="CHIP:SHAPE",
+                   help=f"a TPU slice, e.g. v5e:2x4 or v5p:2x2x1 (chips: {', '.join(TOPOLOGY_CHIPS)}): its "
+                        "device count and HBM; with --compile, its compiler")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the job's programs for --topology (needs libtpu) and report their memory")
+    p.add_argument("--config", metavar="YAML", help="a training run config (train.finetune's) for lora / full")
+    p.add_argument("--job", nargs="+", default=None, choices=JOBS,
+                   help="default: generate lora full, or the --config's job")
     p.add_argument("--batch", type=int, default=32, help="inference rows per batch")
-    p.add_argument("--len", type=int, default=4096, help="inference tokens per row (prompt + completion)")
+    p.add_argument("--len", type=int, default=None, help="inference tokens per row (prompt + completion); "
+                   "default --seq-len, else 4096")
     p.add_argument("--train-batch", type=int, default=8, help="training sequences per step")
-    p.add_argument("--seq-len", type=int, default=4096, help="training tokens per sequence")
-    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per batch of every job (sets --batch and --train-batch)")
+    p.add_argument("--seq-len", type=int, default=None, help="training tokens per sequence (default 4096)")
+    p.add_argument("--grad-accum", type=int, default=None, help="training microbatches per step (default 1)")
+    p.add_argument("--lora-rank", type=int, default=None, help="default 16, or the --config's")
+    p.add_argument("--attention", choices=["xla", "cudnn", "splash"], default=None,
+                   help="attention kernel (default xla, or the --config's)")
     p.add_argument("--markdown", action="store_true", help="one table row per job (docs/scaling.md)")
+    p.add_argument("--json", action="store_true", help="one JSON object per job")
     return p.parse_args(argv)
 
 
@@ -52,15 +78,70 @@ def mesh_sizes(spec: str | None, devices: int | None) -> dict[str, int]:
     return sizes
 
 
-def plans(config, sizes, args) -> list[memory_plan.Plan]:
-    out = []
-    for job in args.job:
-        if job in ("generate", "score"):
-            out.append(memory_plan.inference(config, sizes, args.dtype, args.batch, args.len, kind=job))
-        else:
-            out.append(memory_plan.training(config, sizes, job, args.train_batch, args.seq_len,
-                                            base_dtype=args.dtype, lora_rank=args.lora_rank))
-    return out
+def topology_devices(topology: str) -> int:
+    """'v5e:2x4' -> 8: a chip per position (a v4 / v5p megacore chip is one device)."""
+    chip, _, shape = topology.partition(":")
+    try:
+        dims = [int(d) for d in shape.split("x")]
+    except ValueError:
+        dims = []
+    if chip not in TOPOLOGY_CHIPS or not dims or min(dims) <= 0:
+        raise ValueError(f"--topology {topology!r}: expected CHIP:SHAPE with CHIP one of "
+                         f"{', '.join(TOPOLOGY_CHIPS)}, e.g. v5e:2x4 or v5p:2x2x1")
+    return math.prod(dims)
+
+
+def read_run_config(args):
+    """The --config's TrainConfig, or None."""
+    if not args.config:
+        return None
+    from mistral_jax.train_config import TrainConfig
+
+    return TrainConfig.load(args.config)
+
+
+def jobs_of(args, run) -> list[str]:
+    if args.job:
+        if run is not None:
+            kind = "full" if run.lora is None else "lora"
+            wrong = [j for j in args.job if j in ("lora", "full") and j != kind]
+            if wrong:
+                raise ValueError(f"--job {wrong[0]} but --config {args.config} is a {kind} run")
+        return list(args.job)
+    if run is not None:
+        return ["full" if run.lora is None else "lora"]
+    return ["generate", "lora", "full"]
+
+
+def job_settings(job: str, args, run) -> dict:
+    """batch_size, seq_len, grad_accum, lora_rank and Numerics of a job, from the flags over the --config."""
+    train = job in ("lora", "full")
+    seq = args.seq_len or (run.seq_len if run is not None and train else None) or 4096
+    if train:
+        batch = args.batch_size or (run.batch_size if run is not None else args.train_batch)
+        accum = args.grad_accum or (run.grad_accum if run is not None else 1)
+        rank = args.lora_rank or (run.lora.rank if run is not None and run.lora is not None else 16)
+        numerics = run.numerics if run is not None else Numerics(param_dtype="float32", dtype=args.dtype,
+                                                                  remat="full")
+    else:
+        seq = args.len or seq
+        batch, accum, rank = args.batch_size or args.batch, 1, args.lora_rank or 16
+        numerics = Numerics.of(args.dtype)
+    if args.attention:
+        numerics = numerics.replace(attention_impl=args.attention)
+    if batch % accum:
+        raise ValueError(f"batch size {batch} is not a multiple of grad_accum {accum}")
+    return dict(batch_size=batch, seq_len=seq, grad_accum=accum, lora_rank=rank, numerics=numerics)
+
+
+def plan_of(config, sizes, job: str, s: dict) -> memory_plan.Plan:
+    n = s["numerics"]
+    if job in ("generate", "score"):
+        return memory_plan.inference(config, sizes, n.dtype, s["batch_size"], s["seq_len"], kind=job)
+    lora = job == "lora"
+    return memory_plan.training(config, sizes, job, s["batch_size"] // s["grad_accum"], s["seq_len"],
+                                base_dtype=n.dtype if lora else n.param_dtype, compute_dtype=n.dtype,
+                                lora_rank=s["lora_rank"])
 
 
 def markdown_row(name: str, plan: memory_plan.Plan, memory: int | None) -> str:
@@ -71,25 +152,69 @@ def markdown_row(name: str, plan: memory_plan.Plan, memory: int | None) -> str:
             f"{g(plan.total_bytes)} | {fits} |")
 
 
+def compiled(config, args, job: str, s: dict, run, mesh_spec: str | None) -> dict:
+    """aot.compile_job's report of the job, as a dict; printed unless --json."""
+    from mistral_jax import aot
+
+    kw = {}
+    if run is not None and job in ("lora", "full"):
+        kw = dict(opt_cfg=run.optimizer_config(), lora_spec=run.lora if job == "lora" else None)
+        if job == "lora" and args.lora_rank:
+            kw["lora_spec"] = dataclasses.replace(run.lora, rank=args.lora_rank)
+    report = aot.compile_job(config, args.topology, mesh_spec,
+                             aot.Job(job, s["batch_size"], s["seq_len"], s["grad_accum"], s["lora_rank"]),
+                             s["numerics"], **kw)
+    if not args.json:
+        print(report.format())
+    return report.as_dict()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = get_preset(args.preset) if args.preset else checkpoint.load_config(args.checkpoint)
     try:
-        sizes = mesh_sizes(args.mesh, args.devices)
+        config = get_preset(args.preset) if args.preset else checkpoint.load_config(args.checkpoint)
+        run = read_run_config(args)
+        jobs = jobs_of(args, run)
+        if args.compile and not args.topology:
+            raise ValueError("--compile needs --topology, e.g. --topology v5e:2x4")
+        devices = args.devices
+        if args.topology:
+            devices = topology_devices(args.topology)
+        mesh_spec = args.mesh or (run.mesh if run is not None else None)
+        sizes = mesh_sizes(mesh_spec, devices)
         sharding.check_divisible(config, sizes)
-    except sharding.ShardingError as e:
+        settings = {job: job_settings(job, args, run) for job in jobs}
+    except (sharding.ShardingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    chip = args.topology.split(":")[0] if args.topology else None
     memory = int(args.memory_gib * memory_plan.GiB) if args.memory_gib else \
-        memory_plan.DEVICES.get(args.device) if args.device else None
-    name = f"{math.prod(sizes.values())} x {args.device or 'device'}"
-    for plan in plans(config, sizes, args):
-        if args.markdown:
+        memory_plan.DEVICES.get(args.device or chip) if (args.device or chip) else None
+    name = f"{math.prod(sizes.values())} x {args.device or chip or 'device'}"
+    for job in jobs:
+        s = settings[job]
+        plan = plan_of(config, sizes, job, s)
+        if args.compile:
+            from mistral_jax import aot
+
+            try:
+                out = compiled(config, args, job, s, run, sharding.describe(sizes))
+            except aot.AotError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            if args.json:
+                print(json.dumps(out))
+        elif args.json:
+            print(json.dumps({"job": job, "mesh": sharding.describe(sizes), "devices": math.prod(sizes.values()),
+                              "planned_bytes": plan.total_bytes, "hbm_bytes": memory,
+                              "fits": None if memory is None else plan.total_bytes <= memory,
+                              "rows": {r.what: r.bytes for r in plan.rows}, "notes": plan.notes}))
+        elif args.markdown:
             print(markdown_row(name, plan, memory))
             for note in plan.notes:
                 print(f"note: {note}", file=sys.stderr)
         else:
-            print(memory_plan.format_plan(plan, memory, args.device or ""))
+            print(memory_plan.format_plan(plan, memory, args.device or chip or ""))
     return 0
 
 

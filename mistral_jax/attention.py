@@ -10,15 +10,21 @@ indices, so the same code is exact for left-padded batches, packed rows, decode 
 
 `self_attention` dispatches a sequence's attention over itself to a kernel (Numerics.attention_impl):
 "xla" (the blockwise einsum path, any backend), "cudnn" (jax.nn.dot_product_attention on GPU) or "splash"
-(Pallas on TPU). Attention over a KV cache always takes the einsum path (`cache_attention`).
+(Pallas on TPU, under shard_map on a mesh). Shapes a kernel cannot take (a sequence no splash tile divides, such
+as the [1, 1] batch that init traces, or heads that do not split evenly) take the blockwise path, decided
+there and nowhere else. Attention over a KV cache always takes the einsum path (`cache_attention`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 # A large finite negative rather than -inf: a fully masked row (a padding query) then gives a uniform
 # softmax instead of NaN, and NaN cannot leak into gradients through 0 * NaN.
@@ -27,6 +33,14 @@ _NEG = -1e30
 # Scores of the query blocks processed together in one step of the blockwise path stay under this many
 # bytes; it bounds temporary memory independently of the sequence length.
 _BLOCK_SCORE_BYTES = 64 * 2**20
+
+# Splash attention's tiles (queries and keys alike): the largest that divides the sequence is used; a sequence
+# none divides takes the blockwise path. Multiples of 128 match the TPU's lanes.
+SPLASH_BLOCKS = (512, 256, 128)
+
+# True runs the Pallas kernels interpreted, on any backend (the kernel tests set it on the CPU); production
+# leaves it False, which compiles them for the TPU.
+SPLASH_INTERPRET = False
 
 
 def make_mask(q_pos, k_pos, q_seg, k_seg, window: int | None):
@@ -129,7 +143,9 @@ def self_attention(q, k, v, positions, segment_ids, window: int | None, numerics
     if impl == "cudnn":
         return fused_self_attention(q, k, v, positions, segment_ids, window, "cudnn")
     if impl == "splash":
-        return splash_self_attention(q, k, v, positions, segment_ids, window)
+        plan = splash_plan(q.shape, k.shape)
+        if plan is not None:
+            return splash_self_attention(q, k, v, segment_ids, window, plan)
     return blockwise_attention(q, k, v, positions, segment_ids, window, numerics.attention_block)
 
 
@@ -149,23 +165,106 @@ def fused_self_attention(q, k, v, positions, segment_ids, window: int | None, im
         implementation=implementation)
 
 
-def splash_self_attention(q, k, v, positions, segment_ids, window: int | None):
-    """TPU: Pallas splash attention with CausalMask & LocalMask((W-1, 0)), GQA as one multi-query kernel
-    per KV group, segment ids for padding and packing. Runs on TPU only."""
+@dataclasses.dataclass(frozen=True)
+class SplashPlan:
+    """How splash runs for one shape: its tile, and the shard_map around it (None without a mesh)."""
+
+    block: int                 # query and key tile; divides T
+    mesh: object | None        # the context's abstract mesh, or None: the kernel is called directly
+    q_spec: P = P()            # [B, T, N, H] over the mesh (the rules' batch and heads axes)
+    kv_spec: P = P()           # [B, T, K, H]
+    seg_spec: P = P()          # [B, T]
+    head_axis: str | None = None  # the mesh axis splitting query heads while KV heads are replicated over it
+
+
+def _size(mesh, entry) -> int:
+    if entry is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry))
+
+
+def splash_plan(q_shape, k_shape) -> SplashPlan | None:
+    """The SplashPlan for q [B, T, N, H], k [B, T, K, H] under the current mesh and logical axis rules
+    (sharding.activate), or None when splash cannot take them: no tile divides T, or the batch or the heads
+    do not split evenly over their mesh axes."""
+    b, t, n, _ = q_shape
+    kh = k_shape[2]
+    block = next((c for c in SPLASH_BLOCKS if t % c == 0), None)
+    if block is None:
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return SplashPlan(block, None)
+    # The specs the model's logical constraints give these arrays (sharding.activate's rules).
+    q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
+    kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))
+    seg_spec = nn.logical_to_mesh_axes(("batch", "length"))
+    if q_spec[1] is not None or kv_spec[1] is not None:
+        return None  # the kernel needs whole sequences
+    nq, nk = _size(mesh, q_spec[2]), _size(mesh, kv_spec[2])
+    if b % _size(mesh, q_spec[0]) or n % nq or kh % nk or q_spec[0] != kv_spec[0] or q_spec[0] != seg_spec[0]:
+        return None
+    head_axis = None
+    if nk != nq:
+        # KV heads replicated over the axis that splits query heads: each device's query heads must then share
+        # one KV head, which it picks by its index on that axis.
+        if nk != 1 or not isinstance(q_spec[2], str) or (n // kh) % (n // nq):
+            return None
+        head_axis = q_spec[2]
+    return SplashPlan(block, mesh, q_spec, kv_spec, seg_spec, head_axis)
+
+
+def _splash_kernel(t: int, groups: int, window: int | None, block: int, interpret: bool):
+    """One multi-query kernel for `groups` query heads sharing one KV head, over sequences of t tokens."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
+    # W keys including its own: (W - 1) to the left, none to the right, which is also the causal mask.
+    m = sm.CausalMask((t, t)) if window is None else sm.LocalMask((t, t), (window - 1, 0), offset=0)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    # Made in the caller's trace: its mask tables become that program's constants (splash caches the numpy
+    # work of making them).
+    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([m] * groups), block_sizes=sizes, interpret=interpret)
+
+
+def _splash_local(kernel, q, k, v, segment_ids, head_axis: str | None, groups: int):
+    """Splash on one device's shard: q [b, T, n, H], k/v [b, T, k, H] -> [b, T, n, H]. GQA as one multi-query
+    kernel per KV head (`groups` = N/K query heads each); segment ids for padding and packing."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
     b, t, n, h = q.shape
+    if head_axis is not None:  # all KV heads here: keep the one this device's query heads use
+        first = jax.lax.axis_index(head_axis) * n // groups
+        k = jax.lax.dynamic_slice_in_dim(k, first, 1, axis=2)
+        v = jax.lax.dynamic_slice_in_dim(v, first, 1, axis=2)
     kh = k.shape[2]
-    shape = (t, t)
-    m = sm.CausalMask(shape)
-    if window is not None:
-        m = m & sm.LocalMask(shape, (window - 1, 0), offset=0)
-    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([m] * (n // kh)))
+    # The same scaling as dot_attention, in q's dtype.
+    q = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
+    qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [b, k, G, T, H]
+    kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)       # [b, k, T, H]
     seg = sk.SegmentIds(q=segment_ids, kv=segment_ids)
-    # [B, T, N, H] -> per batch row and KV group: q [G, T, H], k/v [T, H].
-    qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4) / math.sqrt(h)
-    kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     per_group = jax.vmap(kernel, in_axes=(0, 0, 0, None))
-    out = jax.vmap(per_group, in_axes=(0, 0, 0, 0))(qg, kg, vg, seg)  # [B, K, G, T, H]
+    out = jax.vmap(per_group, in_axes=(0, 0, 0, 0))(qg, kg, vg, seg)  # [b, k, G, T, H]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def splash_self_attention(q, k, v, segment_ids, window: int | None, plan: SplashPlan):
+    """Pallas splash attention (TPU; any backend with SPLASH_INTERPRET), called under shard_map over the mesh
+    axes that split the batch and the heads, since Mosaic kernels cannot be partitioned automatically.
+
+    Its masks are aligned on array indices, so, as for fused_self_attention, positions must rise by one along
+    each segment (right-padded or packed rows). Padding queries (segment 0) attend each other; their outputs
+    differ from the blockwise path's but reach no real token."""
+    b, t, n, _ = q.shape
+    groups = n // k.shape[2]
+    local_heads = n // _size(plan.mesh, plan.q_spec[2]) if plan.mesh is not None else n
+    # The kernel (its mask tables) is made out here and passed in as a replicated argument, as shard_map
+    # wants the arrays its body uses.
+    kernel = _splash_kernel(t, min(groups, local_heads), window, plan.block, SPLASH_INTERPRET)
+    local = functools.partial(_splash_local, head_axis=plan.head_axis, groups=groups)
+    if plan.mesh is None:
+        return local(kernel, q, k, v, segment_ids)
+    return jax.shard_map(local, mesh=plan.mesh,
+                         in_specs=(P(), plan.q_spec, plan.kv_spec, plan.kv_spec, plan.seg_spec),
+                         out_specs=plan.q_spec, check_vma=False)(kernel, q, k, v, segment_ids)

@@ -1,0 +1,92 @@
+"""Ahead-of-time TPU compiles (mistral_jax/aot.py) on this CPU-only machine: the decode step, a splash prefill
+and a LoRA train step with splash, for a v5e-8 slice with fsdp=8 and with tensor=8, at 2 layers and small
+widths. They run in ONE subprocess (this file run as a script), which loads libtpu apart from the CPU tests.
+libtpu comes with the tpu-aot extra, which .[test] includes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESHES = ("fsdp=8", "tensor=8")
+
+
+def test_tpu_programs_compile_for_v5e_8():
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for mesh in MESHES:
+        r = results[mesh]
+        # The Mosaic kernel (not the fallback) under shard_map, forward and backward.
+        assert r["prefill"]["kernels"] > 0 and r["train"]["kernels"] > 0, r
+        for name in ("decode", "prefill", "train"):
+            assert 0 < r[name]["compiled_bytes"] < r["hbm_bytes"], (mesh, name, r[name])
+    # Tensor parallelism keeps the weights still at decode: far less memory traffic than fsdp's gathers.
+    assert results["tensor=8"]["decode"]["temp_bytes"] < results["fsdp=8"]["decode"]["temp_bytes"]
+    # The CLI: one JSON object with the figures.
+    cli = results["cli"]
+    assert cli["fits"] is True and cli["topology"] == "v5e:2x4" and cli["mesh"] == "data=1,fsdp=8,tensor=1"
+    assert 0 < cli["planned_bytes"] and 0 < cli["compiled_bytes"] <= cli["hbm_bytes"] == 16 * 2**30
+    assert cli["compile_seconds"] > 0 and len(cli["optimal_seconds"]) == len(cli["programs"]) == 1
+
+
+def test_plan_refuses_compile_without_topology(capsys):
+    from infer import plan
+
+    assert plan.main(["--preset", "tiny", "--devices", "1", "--job", "generate", "--compile"]) == 2
+    assert capsys.readouterr().err.startswith("error: --compile needs --topology")
+    assert plan.main(["--preset", "tiny", "--topology", "v9z:2x4", "--job", "generate"]) == 2
+
+
+def _worker() -> dict:
+    import contextlib
+    import io
+
+    import jax
+
+    from infer import plan
+    from mistral_jax import aot, kv_cache, programs
+    from mistral_jax.config import MistralConfig, Numerics
+    from mistral_jax.lora import LoraConfig
+
+    # Mistral's head size and GQA ratio at small width: 8 KV heads split over tensor=8.
+    config = MistralConfig(vocab_size=1024, dim=512, n_layers=2, n_heads=32, n_kv_heads=8, head_dim=128,
+                           hidden_dim=1024, sliding_window=256, max_seq_len=1024)
+    b, t, slots = 8, 512, 512
+    splash = Numerics.of("bfloat16").replace(attention_impl="splash")
+    out = {}
+    for spec in MESHES:
+        mm = aot.model_mesh(config, "v5e:2x4", spec)
+        params = aot.abstract_params(mm, "bfloat16")
+        cache = aot._abstract(kv_cache.KVCache.shapes(config, b, slots, "bfloat16"), mm.cache_shardings())
+        r = {"hbm_bytes": aot.CHIPS["v5e"].hbm_bytes}
+        with mm.activate():
+            step = aot._decode_step(config, splash, mm)
+            r["decode"] = aot.compile_program("decode", step, params, aot._rows(mm, (b, 1)),
+                                              aot._rows(mm, (b, 1)), cache).as_dict()
+            prefill = programs.prefill_program(config, splash, t, mm)
+            r["prefill"] = aot.compile_program("prefill", prefill, params, aot._rows(mm, (b, t)),
+                                               aot._rows(mm, (b,)), cache).as_dict()
+        # A smaller step (256 tokens, adapters on q and v, no remat) keeps the compile short; the kernels, forward
+        # and backward, are the same.
+        job = aot.Job("lora", batch_size=b, seq_len=256)
+        numerics = splash.replace(param_dtype="float32")
+        lora = LoraConfig(rank=8, targets=("q", "v"))
+        r["train"] = aot.train_programs(mm, numerics, job, lora_spec=lora)[0].as_dict()
+        out[spec] = r
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert plan.main(["--preset", "tiny", "--topology", "v5e:2x4", "--mesh", "fsdp=8", "--job", "score",
+                          "--batch-size", "8", "--seq-len", "64", "--compile", "--json"]) == 0
+    out["cli"] = json.loads(buf.getvalue())
+    assert jax.default_backend() == "cpu"
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker()))
