@@ -25,8 +25,8 @@ import json
 import math
 import sys
 
-from mistral_jax import checkpoint, memory_plan, sharding
-from mistral_jax.config import PRESETS, Numerics, get_preset
+from mistral_jax import checkpoint, memory_plan, mesh_choice, sharding
+from mistral_jax.config import ATTENTION_IMPLS, PRESETS, Numerics, get_preset
 
 JOBS = ("generate", "score", "lora", "full")
 TOPOLOGY_CHIPS = ("v4", "v5e", "v5p", "v6e")
@@ -37,7 +37,9 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=list(PRESETS))
     src.add_argument("--checkpoint", help="read the config of a checkpoint directory instead of a preset")
-    p.add_argument("--mesh", default=None, help="e.g. fsdp=8 or data=2,fsdp=2,tensor=2 (default: all on fsdp)")
+    p.add_argument("--mesh", default=None,
+                   help="e.g. fsdp=8 or data=2,fsdp=2,tensor=2 (default: the tools' own, mistral_jax/mesh_choice.py: "
+                        "data x tensor for generate and score, every device on fsdp for training)")
     p.add_argument("--devices", type=int, help="device count (needed when --mesh has -1 or is omitted)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="params and KV cache for inference; frozen base params for LoRA")
@@ -60,8 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=None, help="training tokens per sequence (default 4096)")
     p.add_argument("--grad-accum", type=int, default=None, help="training microbatches per step (default 1)")
     p.add_argument("--lora-rank", type=int, default=None, help="default 16, or the --config's")
-    p.add_argument("--attention", choices=["xla", "cudnn", "splash"], default=None,
-                   help="attention kernel (default xla, or the --config's)")
+    p.add_argument("--attention", choices=list(ATTENTION_IMPLS), default=None,
+                   help="attention kernel (default: xla for inference, auto for training, or the --config's)")
     p.add_argument("--markdown", action="store_true", help="one table row per job (docs/scaling.md)")
     p.add_argument("--json", action="store_true", help="one JSON object per job")
     return p.parse_args(argv)
@@ -122,7 +124,7 @@ def job_settings(job: str, args, run) -> dict:
         accum = args.grad_accum or (run.grad_accum if run is not None else 1)
         rank = args.lora_rank or (run.lora.rank if run is not None and run.lora is not None else 16)
         numerics = run.numerics if run is not None else Numerics(param_dtype="float32", dtype=args.dtype,
-                                                                  remat="full")
+                                                                  remat="full", attention_impl="auto")
     else:
         seq = args.len or seq
         batch, accum, rank = args.batch_size or args.batch, 1, args.lora_rank or 16
@@ -169,6 +171,44 @@ def compiled(config, args, job: str, s: dict, run, mesh_spec: str | None) -> dic
     return report.as_dict()
 
 
+def job_mesh(config, job: str, s: dict, spec: str | None, devices: int | None,
+             memory: int | None) -> tuple[dict[str, int], str | None]:
+    """(mesh sizes, why) of a job: --mesh (or the --config's) as given, else the tools' default for the job
+    (mesh_choice.default_mesh_spec), checked against `memory` when known."""
+    if spec or devices is None:
+        return mesh_sizes(spec, devices), None
+    fits = None if memory is None else lambda sizes: plan_of(config, sizes, job, s).total_bytes <= memory
+    return mesh_choice.default_mesh_spec(config, job, devices, fits)
+
+
+def compare_meshes(config, args, s: dict, chosen: dict[str, int]) -> list[dict]:
+    """The decode step (aot.decode_step_estimate: all layers from 1 and 2) compiled on the chosen mesh and
+    on the alternatives (mesh_choice.alternatives), with its roofline and the compiler's estimate; printed
+    as a table unless --json."""
+    from mistral_jax import aot, kv_cache
+
+    n, c, numerics = math.prod(chosen.values()), config, s["numerics"]
+    chip, rows = aot.chip_of(args.topology), []
+    for sizes in [chosen] + [m for m in mesh_choice.alternatives(c, n) if m != chosen]:
+        mm = aot.model_mesh(c, args.topology, sharding.describe(sizes))
+        b = mm.round_batch(s["batch_size"])
+        slots = kv_cache.num_slots(c, min(s["seq_len"], c.max_seq_len))
+        p = aot.decode_step_estimate(mm, numerics, b, slots)[0]
+        roof = None if p.flops is None or p.bytes_accessed is None else \
+            max(p.flops / chip.bf16_flops, p.bytes_accessed / chip.hbm_bandwidth)
+        rows.append({"mesh": sharding.describe(sizes), "chosen": sizes == chosen, "batch": b,
+                     "roofline_seconds": roof, "optimal_seconds": p.optimal_seconds,
+                     "compiled_bytes": p.compiled_bytes, "fits": p.compiled_bytes <= chip.hbm_bytes})
+    if not args.json:
+        ms = lambda x: "-" if x is None else f"{x * 1e3:.2f} ms"  # noqa: E731
+        print(f"  decode step ({s['batch_size']} rows) by mesh, all {c.n_layers} layers estimated from 1 and 2:")
+        for r in rows:
+            print(f"    {r['mesh']:26s} roofline {ms(r['roofline_seconds']):>10s}  compiler "
+                  f"{ms(r['optimal_seconds']):>10s}  {r['compiled_bytes'] / memory_plan.GiB:6.2f} GiB (2 layers)"
+                  f"{'  <- chosen' if r['chosen'] else ''}")
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -181,29 +221,37 @@ def main(argv=None) -> int:
         if args.topology:
             devices = topology_devices(args.topology)
         mesh_spec = args.mesh or (run.mesh if run is not None else None)
-        sizes = mesh_sizes(mesh_spec, devices)
-        sharding.check_divisible(config, sizes)
         settings = {job: job_settings(job, args, run) for job in jobs}
+        chip = args.topology.split(":")[0] if args.topology else None
+        memory = int(args.memory_gib * memory_plan.GiB) if args.memory_gib else \
+            memory_plan.DEVICES.get(args.device or chip) if (args.device or chip) else None
+        meshes = {job: job_mesh(config, job, settings[job], mesh_spec, devices, memory) for job in jobs}
+        for sizes, _ in meshes.values():
+            sharding.check_divisible(config, sizes)
     except (sharding.ShardingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    chip = args.topology.split(":")[0] if args.topology else None
-    memory = int(args.memory_gib * memory_plan.GiB) if args.memory_gib else \
-        memory_plan.DEVICES.get(args.device or chip) if (args.device or chip) else None
-    name = f"{math.prod(sizes.values())} x {args.device or chip or 'device'}"
     for job in jobs:
         s = settings[job]
+        sizes, why = meshes[job]
+        name = f"{math.prod(sizes.values())} x {args.device or chip or 'device'}"
         plan = plan_of(config, sizes, job, s)
+        if why:
+            plan.notes.insert(0, f"mesh {sharding.describe(sizes)}: {why}")
         if args.compile:
             from mistral_jax import aot
 
             try:
                 out = compiled(config, args, job, s, run, sharding.describe(sizes))
+                if job == "generate":
+                    out["meshes"] = compare_meshes(config, args, s, sizes)
             except aot.AotError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             if args.json:
                 print(json.dumps(out))
+            elif why:
+                print(f"  note: mesh {sharding.describe(sizes)}: {why}")
         elif args.json:
             print(json.dumps({"job": job, "mesh": sharding.describe(sizes), "devices": math.prod(sizes.values()),
                               "planned_bytes": plan.total_bytes, "hbm_bytes": memory,

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint, scoring, tuning
+from . import checkpoint, memory_plan, mesh_choice, scoring, tuning
 from .config import DTYPES, MistralConfig, Numerics
 from .generator import Generator, SamplingParams
 from .jsonl import check_ids
@@ -46,15 +46,18 @@ def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, 
     """Loads our orbax checkpoint, a transformers directory or a Mistral native directory, for inference.
 
     `dtype` is both the stored and the compute dtype. The params are read straight onto `mesh` (default:
-    every device on fsdp), a PEFT LoRA `adapter` directory is folded into them (W + scale A B), then they are
-    tuned for inference on its devices (tuning.for_inference, the one place). `check_finite` (default): a
+    mesh_choice.default_mesh for generation: heads and the MLP on tensor, the batch on data; fsdp when that does
+    not fit), a PEFT LoRA `adapter` directory is folded into them (W + scale A B), then they are tuned for
+    inference on its devices (tuning.for_inference, the one place). `check_finite` (default): a
     weight holding NaN or inf (or, from our format, not matching its checksum) is a CheckpointError naming it;
     False loads it anyway (the tools' --no-check)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     path = os.fspath(path)
     config = checkpoint.load_config(path, **config_overrides)
-    mesh = mesh if mesh is not None else ModelMesh.build(config, None)
+    if mesh is None:  # the inference default, checked with the weights plus one row's KV cache
+        mesh = mesh_choice.default_mesh(config, "generate", lambda c, sizes: memory_plan.inference(
+            c, sizes, dtype, 1, c.max_seq_len))
     params = checkpoint.load_params(path, config, dtype, shardings=mesh.param_shardings, check_finite=check_finite)
     if adapter is not None:
         params = checkpoint.merge_adapter(params, os.fspath(adapter), config, check_finite=check_finite)

@@ -9,8 +9,9 @@ its own (transformers, mistral-inference, vLLM). Masks are built from absolute p
 indices, so the same code is exact for left-padded batches, packed rows, decode and chunked prefill.
 
 `self_attention` dispatches a sequence's attention over itself to a kernel (Numerics.attention_impl):
-"xla" (the blockwise einsum path, any backend), "cudnn" (jax.nn.dot_product_attention on GPU) or "splash"
-(Pallas on TPU, under shard_map on a mesh). Shapes a kernel cannot take (a sequence no splash tile divides, such
+"xla" (the blockwise einsum path, any backend), "cudnn" (jax.nn.dot_product_attention on GPU), "splash"
+(Pallas on TPU, under shard_map on a mesh) or "auto" (splash on TPU, cuDNN on GPU, else blockwise; training's
+default). Shapes a kernel cannot take (a sequence no splash tile divides, such
 as the [1, 1] batch that init traces, or heads that do not split evenly) take the blockwise path, decided
 there and nowhere else. Attention over a KV cache always takes the einsum path (`cache_attention`).
 """
@@ -33,6 +34,9 @@ _NEG = -1e30
 # Scores of the query blocks processed together in one step of the blockwise path stay under this many
 # bytes; it bounds temporary memory independently of the sequence length.
 _BLOCK_SCORE_BYTES = 64 * 2**20
+
+# Sequences of up to this many query blocks take the dense path: their [T, T] scores are small.
+_DENSE_BLOCKS = 2
 
 # Splash attention's tiles (queries and keys alike): the largest that divides the sequence is used; a sequence
 # none divides takes the blockwise path. Multiples of 128 match the TPU's lanes.
@@ -90,15 +94,17 @@ def cache_attention(q, ks, vs, masks):
 def blockwise_attention(q, k, v, positions, segment_ids, window: int | None, block: int):
     """Attention of a sequence over itself. q [B, T, N, H], k/v [B, T, K, H], positions/segment_ids [B, T].
 
-    Without a window, or when the whole sequence fits in one window span, this is one dense masked
-    attention. Otherwise it is blockwise: query block b (C queries) only visits the keys
-    [bC - PC, bC + C), P = ceil((W-1)/C) blocks back, so memory and work grow linearly in T, not as T^2.
-    Assumes positions rise by one along each segment (true for padded and packed rows), so that a key
-    within W positions is also within W array slots.
+    Memory grows linearly in T, not as T^2: with a window shorter than the sequence, query block b (C queries)
+    only visits the keys [bC - PC, bC + C), P = ceil((W-1)/C) blocks back; otherwise (no window, or one about
+    as long as the sequence) it is one dense masked attention up to _DENSE_BLOCKS blocks, and
+    causal_blockwise_attention beyond. Assumes positions rise by one along each segment (true for
+    padded and packed rows), so that a key within W positions is also within W array slots.
     """
     b, t = positions.shape
     if window is None or t <= block + window:
-        return dot_attention(q, k, v, make_mask(positions, positions, segment_ids, segment_ids, window))
+        if t <= _DENSE_BLOCKS * block:
+            return dot_attention(q, k, v, make_mask(positions, positions, segment_ids, segment_ids, window))
+        return causal_blockwise_attention(q, k, v, positions, segment_ids, window, block)
 
     c = block
     p = -(-(window - 1) // c)  # key blocks before the query block
@@ -136,10 +142,65 @@ def blockwise_attention(q, k, v, positions, segment_ids, window: int | None, blo
     return out[:, :t]
 
 
+def causal_blockwise_attention(q, k, v, positions, segment_ids, window: int | None, block: int):
+    """Blockwise causal attention (any window) whose memory grows linearly in T: queries in blocks of
+    `block`, each block's scores against the keys before its end only, never a [T, T] array.
+
+    Query blocks go in groups of a static key extent: the last half of the blocks visit every key, the
+    quarter before them the first half of the keys, and so on (with a window, keys more than W-1 before a
+    group's first query are left out too), so the work is about 4/3 of the causal triangle's. Each block is
+    rematerialized in the backward pass, so a gradient holds one block's scores at a time, not every block's."""
+    b, t = positions.shape
+    c = block
+    nb = -(-t // c)
+    pad_t = nb * c - t
+
+    def pad(x):
+        return jnp.pad(x, [(0, 0), (0, pad_t)] + [(0, 0)] * (x.ndim - 2))
+
+    qb, qpos, qseg = (pad(x).reshape(b, nb, c, *x.shape[2:]) for x in (q, positions, segment_ids))
+    outs, hi = [], nb
+    while hi > 0:
+        lo = hi // 2
+        start = 0 if window is None else max(0, lo * c - (window - 1))
+        end = min(t, hi * c)
+        ks, vs = k[:, start:end], v[:, start:end]
+        kpos, kseg = positions[:, start:end], segment_ids[:, start:end]
+
+        @jax.checkpoint
+        def one_block(args, ks=ks, vs=vs, kpos=kpos, kseg=kseg):
+            qi, qposi, qsegi = args
+            return dot_attention(qi, ks, vs, make_mask(qposi, kpos, qsegi, kseg, window))
+
+        per_block = b * q.shape[2] * c * (end - start) * 4 * 3  # scores, probabilities, mask-select in float32
+        group = max(1, min(hi - lo, _BLOCK_SCORE_BYTES // per_block))
+        xs = tuple(jnp.moveaxis(x[:, lo:hi], 1, 0) for x in (qb, qpos, qseg))
+        outs.insert(0, jax.lax.map(one_block, xs, batch_size=group))  # [hi - lo, B, C, N, H]
+        hi = lo
+    out = jnp.moveaxis(jnp.concatenate(outs, axis=0), 0, 1).reshape(b, nb * c, *q.shape[2:])
+    return out[:, :t]
+
+
+def resolve_impl(impl: str, dtype, head_dim: int) -> str:
+    """The kernel "auto" stands for where this program runs (the current mesh's devices, else JAX's default
+    backend): splash on TPU, cuDNN on GPU for bfloat16 / float16 with a head size it takes, the blockwise
+    path otherwise. Other names are returned as they are."""
+    if impl != "auto":
+        return impl
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    if platform == "tpu":
+        return "splash"
+    if platform in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
+            and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return "xla"
+
+
 def self_attention(q, k, v, positions, segment_ids, window: int | None, numerics):
-    """The attention of a sequence over itself (no cache), by the kernel `numerics.attention_impl` names.
-    q [B, T, N, H], k/v [B, T, K, H], positions/segment_ids [B, T] -> [B, T, N, H]."""
-    impl = numerics.attention_impl
+    """The attention of a sequence over itself (no cache), by the kernel `numerics.attention_impl` names
+    ("auto": resolve_impl). q [B, T, N, H], k/v [B, T, K, H], positions/segment_ids [B, T] -> [B, T, N, H]."""
+    impl = resolve_impl(numerics.attention_impl, q.dtype, q.shape[-1])
     if impl == "cudnn":
         return fused_self_attention(q, k, v, positions, segment_ids, window, "cudnn")
     if impl == "splash":

@@ -16,6 +16,7 @@ import typing
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +185,8 @@ class Numerics:
     dtype: str = "float32"
     # "none" | "full" | "dots" (save matmul outputs, recompute the rest).
     remat: str = "none"
-    # "xla" (blockwise, any backend) | "cudnn" (GPU) | "splash" (TPU).
+    # "xla" (blockwise, any backend) | "cudnn" (GPU) | "splash" (TPU) | "auto" (splash on TPU, cuDNN on GPU
+    # where it takes the dtype, else blockwise: attention.resolve_impl).
     attention_impl: str = "xla"
     # Query block of the windowed blockwise attention; keys visited per block = block + window rounded up.
     attention_block: int = 256
@@ -195,8 +197,8 @@ class Numerics:
                 raise ValueError(f"Numerics: {name} must be one of {DTYPES}, got {getattr(self, name)!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"Numerics: remat must be 'none', 'full' or 'dots', got {self.remat!r}")
-        if self.attention_impl not in ("xla", "cudnn", "splash"):
-            raise ValueError(f"Numerics: attention_impl must be 'xla', 'cudnn' or 'splash', got {self.attention_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"Numerics: attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if not isinstance(self.attention_block, int) or self.attention_block <= 0:
             raise ValueError(f"Numerics: attention_block must be a positive int, got {self.attention_block!r}")
 

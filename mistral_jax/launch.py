@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import jax
 
-from . import checkpoint, distributed, memory_plan, sharding
+from . import checkpoint, distributed, memory_plan, mesh_choice, sharding
 from .config import DTYPES, MistralConfig
 from .job_output import JobError
 
@@ -71,7 +71,7 @@ def check_batch_size(requested: int) -> None:
 
 
 def add_args(parser) -> None:
-    """--mesh (default: every device on fsdp, for every tool) and the multi-host flags."""
+    """--mesh (default: mesh_choice.default_mesh_spec of the tool's job) and the multi-host flags."""
     sharding.add_mesh_arg(parser)
     distributed.add_args(parser)
 
@@ -107,23 +107,29 @@ def model_settings(args) -> dict:
 
 
 def start(args, checkpoint_path: str, plan: Callable[[MistralConfig, object], memory_plan.Plan] | None = None,
-          **config_overrides) -> sharding.ModelMesh:
-    """Joins the other processes, builds the mesh of `args.mesh`, prints its notes and the memory plan.
+          job: str = "generate", **config_overrides) -> sharding.ModelMesh:
+    """Joins the other processes, builds the mesh of `args.mesh` (without one, the default of `job`:
+    mesh_choice.default_mesh_spec), prints its notes and the memory plan.
 
     Raises UserError (a SystemExit) when the mesh does not fit the devices or the model, or when the
     params, optimizer state and KV cache cannot fit the memory JAX reports for a device; the checkpoint's
     config and an --adapter's config are read here (their errors: wrap the call in user_errors(files=True))."""
     distributed.initialize(args)
     try:
-        mesh = sharding.make_mesh(getattr(args, "mesh", None))
+        spec = getattr(args, "mesh", None)
+        mesh = sharding.make_mesh(spec) if spec else None  # a bad --mesh is named before any file is read
         config = checkpoint.load_config(checkpoint_path, **config_overrides)
         if getattr(args, "adapter", None):
             checkpoint.read_adapter_config(args.adapter)  # a wrong directory is named before any work
-        mm = sharding.ModelMesh(mesh, config)
+        if mesh is None:
+            mm = mesh_choice.default_mesh(config, job, plan)
+            mesh = mm.mesh
+        else:
+            mm = sharding.ModelMesh(mesh, config)
         n = mesh.devices.size
         if n < jax.device_count():
             distributed.log(f"note: mesh {sharding.describe(mesh)} uses {n} of {jax.device_count()} devices")
-        for note in mm.notes:
+        for note in mm.notes if n > 1 else []:
             distributed.log(f"note: {note}")
         if plan is not None:
             memory_plan.report(plan(config, mesh), print_fn=distributed.log)

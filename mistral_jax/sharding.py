@@ -12,6 +12,7 @@ names into mesh axes. The names take effect only inside `activate(mesh, rules)` 
 logical_axis_rules), which the tools and the trainer wrap around the calls that trace jitted functions.
 
   mm = ModelMesh.build(config, "data=2,fsdp=2,tensor=2")   # -1 = the rest; default: every device on fsdp
+  mm = mesh_choice.default_mesh(config, "generate")        # the inference tools' default: data x tensor
   params = checkpoint.load_params(path, config, dtype, shardings=mm.param_shardings)
   with mm.activate():
       cache = mm.cache(batch, slots, dtype)                   # a KVCache created sharded
@@ -394,4 +395,6 @@ def per_device_bytes(x: jax.Array) -> dict[Any, int]:
 def add_mesh_arg(parser) -> None:
     parser.add_argument("--mesh", default=None, metavar="SPEC",
                         help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 = the rest of the devices); "
-                             "default: every device on fsdp. See docs/scaling.md")
+                             "default: inference puts heads and the MLP on tensor and the batch on data "
+                             "(fsdp when the model does not fit so), training every device on fsdp. "
+                             "See docs/scaling.md")

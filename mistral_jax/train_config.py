@@ -27,8 +27,9 @@ from .train_step import OptimizerConfig
 
 MISTRAL_COMMON_PREFIX = "mistral-common:"
 
-# Training computes in bfloat16 over float32 master weights unless told otherwise.
-TRAIN_NUMERICS = Numerics(param_dtype="float32", dtype="bfloat16")
+# Training computes in bfloat16 over float32 master weights unless told otherwise, with an attention whose
+# memory grows linearly in the sequence (splash on TPU, cuDNN on GPU, blockwise elsewhere), never [T, T] scores.
+TRAIN_NUMERICS = Numerics(param_dtype="float32", dtype="bfloat16", attention_impl="auto")
 
 
 @dataclasses.dataclass(frozen=True)
