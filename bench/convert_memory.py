@@ -104,8 +104,9 @@ def _run_child(src, dst, to, dtype) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(config: MistralConfig, workdir: str, dtype: str = "bfloat16", to: str = "orbax",
-            convert_dtype: str | None = None) -> dict:
+def measure(
+    config: MistralConfig, workdir: str, dtype: str = "bfloat16", to: str = "orbax", convert_dtype: str | None = None
+) -> dict:
     src, dst = os.path.join(workdir, "src"), os.path.join(workdir, "dst")
     tiny_src, tiny_dst = os.path.join(workdir, "tiny_src"), os.path.join(workdir, "tiny_dst")
     t0 = time.perf_counter()
@@ -117,10 +118,19 @@ def measure(config: MistralConfig, workdir: str, dtype: str = "bfloat16", to: st
     run = _run_child(src, dst, to, convert_dtype)
     out_bytes = weight_bytes // _np(dtype).itemsize * _np(convert_dtype or dtype).itemsize
     extra = run["maxrss"] - base["maxrss"]
-    return {"weights_bytes": weight_bytes, "converted_bytes": int(out_bytes), "baseline_rss": base["maxrss"],
-            "peak_rss": run["maxrss"], "extra_rss": extra, "ratio": extra / weight_bytes,
-            "ratio_to_converted": extra / out_bytes, "convert_seconds": run["seconds"], "build_seconds": build_s,
-            "to": to, "src_dtype": dtype}
+    return {
+        "weights_bytes": weight_bytes,
+        "converted_bytes": int(out_bytes),
+        "baseline_rss": base["maxrss"],
+        "peak_rss": run["maxrss"],
+        "extra_rss": extra,
+        "ratio": extra / weight_bytes,
+        "ratio_to_converted": extra / out_bytes,
+        "convert_seconds": run["seconds"],
+        "build_seconds": build_s,
+        "to": to,
+        "src_dtype": dtype,
+    }
 
 
 def _np(dtype: str) -> np.dtype:
@@ -146,8 +156,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.child:
         return _child(*args.child, args.to, args.dtype)
-    config = MistralConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                           n_kv_heads=args.kv_heads, head_dim=args.dim // args.heads, hidden_dim=args.ffn)
+    config = MistralConfig(
+        vocab_size=args.vocab,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        head_dim=args.dim // args.heads,
+        hidden_dim=args.ffn,
+    )
     workdir = args.workdir or tempfile.mkdtemp(prefix="convert_memory_")
     try:
         r = measure(config, workdir, args.src_dtype, args.to, args.dtype)
@@ -158,14 +175,18 @@ def main(argv=None):
         print(json.dumps(r))
         return
     gb = 1e9
-    print(f"model: dim {args.dim}, {args.layers} layers, ffn {args.ffn}, vocab {args.vocab}, "
-          f"{config.num_params / 1e6:.0f}M params, source {args.src_dtype}; convert hf -> {args.to}"
-          f"{' as ' + args.dtype if args.dtype else ''}")
+    print(
+        f"model: dim {args.dim}, {args.layers} layers, ffn {args.ffn}, vocab {args.vocab}, "
+        f"{config.num_params / 1e6:.0f}M params, source {args.src_dtype}; convert hf -> {args.to}"
+        f"{' as ' + args.dtype if args.dtype else ''}"
+    )
     print(f"weights bytes       {r['weights_bytes'] / gb:8.3f} GB")
     print(f"baseline peak RSS   {r['baseline_rss'] / gb:8.3f} GB (interpreter + jax + orbax, tiny convert)")
     print(f"convert peak RSS    {r['peak_rss'] / gb:8.3f} GB")
-    print(f"extra peak RSS      {r['extra_rss'] / gb:8.3f} GB = {r['ratio']:.2f}x the source weights"
-          f" ({r['ratio_to_converted']:.2f}x the converted weights)")
+    print(
+        f"extra peak RSS      {r['extra_rss'] / gb:8.3f} GB = {r['ratio']:.2f}x the source weights"
+        f" ({r['ratio_to_converted']:.2f}x the converted weights)"
+    )
     print(f"convert time        {r['convert_seconds']:8.1f} s (build {r['build_seconds']:.1f} s)")
 
 

@@ -50,8 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-layers", type=int, default=32, help="layers of the LoRA train step (7B has 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each measurement (best is kept)")
-    p.add_argument("--only", nargs="+", choices=["hbm", "matmul", "decode", "prefill", "lora", "cudnn"],
-                   help="run only these checks")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=["hbm", "matmul", "decode", "prefill", "lora", "cudnn"],
+        help="run only these checks",
+    )
     p.add_argument("--json", metavar="OUT", help="also write the results as one JSON object")
     p.add_argument("--markdown", action="store_true", help="print docs/benchmarks.md rows at the end")
     return p.parse_args(argv)
@@ -113,14 +117,24 @@ def decode_check(config, mm, params, batches, steps: int, slots: int, bandwidth:
     weights = param_bytes(config, mm.mesh, 2, mm.rules)
     out = []
     for b in batches:
+
         def fresh(b=b):
             rows = lambda v, dt: jnp.full((b,), v, dt)  # noqa: E731
             return decode.DecodeState(
-                cache=mm.cache(b, slots, "bfloat16"), logits=jnp.zeros((b, config.vocab_size), jnp.float32),
-                out=jnp.zeros((b, steps), jnp.int32), n=rows(0, jnp.int32), pos=rows(slots // 2, jnp.int32),
-                done=rows(False, bool), reason=rows(0, jnp.int32), seeds=rows(0, jnp.uint32),
-                temperature=rows(0.0, jnp.float32), top_k=rows(0, jnp.int32), top_p=rows(1.0, jnp.float32),
-                max_new=rows(steps, jnp.int32), stop_ids=jnp.full((b, 1), -1, jnp.int32))
+                cache=mm.cache(b, slots, "bfloat16"),
+                logits=jnp.zeros((b, config.vocab_size), jnp.float32),
+                out=jnp.zeros((b, steps), jnp.int32),
+                n=rows(0, jnp.int32),
+                pos=rows(slots // 2, jnp.int32),
+                done=rows(False, bool),
+                reason=rows(0, jnp.int32),
+                seeds=rows(0, jnp.uint32),
+                temperature=rows(0.0, jnp.float32),
+                top_k=rows(0, jnp.int32),
+                top_p=rows(1.0, jnp.float32),
+                max_new=rows(steps, jnp.int32),
+                stop_ids=jnp.full((b, 1), -1, jnp.int32),
+            )
 
         with mm.activate():
             fn = programs.decode_program(config, numerics, mm)
@@ -138,9 +152,17 @@ def decode_check(config, mm, params, batches, steps: int, slots: int, bandwidth:
         cache = cache_bytes(config, mm.mesh, b, slots, 2, mm.rules)
         step = seconds / steps
         floor = (weights + cache) / bandwidth
-        out.append({"batch": b, "slots": slots, "tokens_per_s": b / step, "step_ms": step * 1e3,
-                    "hbm_floor_ms": floor * 1e3, "floor_fraction": floor / step,
-                    "bytes_per_step": weights + cache})
+        out.append(
+            {
+                "batch": b,
+                "slots": slots,
+                "tokens_per_s": b / step,
+                "step_ms": step * 1e3,
+                "hbm_floor_ms": floor * 1e3,
+                "floor_fraction": floor / step,
+                "bytes_per_step": weights + cache,
+            }
+        )
     return out
 
 
@@ -158,8 +180,14 @@ def prefill_check(config, mm, params, batch: int, seq: int, peak: float, repeats
         f = jax.jit(lambda p, t: model.forward(p, t, config=config, numerics=numerics, logits_at=last))
         s = best_seconds(lambda: f(params, tokens).block_until_ready(), repeats)
     flops = batch * forward_flops(config, seq, 1)
-    return {"batch": batch, "seq": seq, "seconds": s, "tokens_per_s": batch * seq / s, "tflops": flops / s / 1e12,
-            "mfu": flops / s / peak}
+    return {
+        "batch": batch,
+        "seq": seq,
+        "seconds": s,
+        "tokens_per_s": batch * seq / s,
+        "tflops": flops / s / 1e12,
+        "mfu": flops / s / peak,
+    }
 
 
 def lora_check(config, mm, params, batch: int, seq: int, layers: int, peak: float, repeats: int) -> dict:
@@ -173,8 +201,11 @@ def lora_check(config, mm, params, batch: int, seq: int, layers: int, peak: floa
     from mistral_jax.train_state import TrainState
 
     c = config.replace(n_layers=layers)
-    frozen = params if layers == config.n_layers else \
-        {**params, "layers": jax.tree.map(lambda x: x[:layers], params["layers"])}
+    frozen = (
+        params
+        if layers == config.n_layers
+        else {**params, "layers": jax.tree.map(lambda x: x[:layers], params["layers"])}
+    )
     numerics = Numerics(param_dtype="float32", dtype="bfloat16", remat="full", attention_impl="auto")
     spec = lora_lib.LoraConfig(rank=16)
     opt = ts.OptimizerConfig(total_steps=100)
@@ -184,10 +215,15 @@ def lora_check(config, mm, params, batch: int, seq: int, layers: int, peak: floa
         step = ts.jit_train_step(c, opt, numerics=numerics, lora_spec=spec, mm=mm)
         rng = np.random.default_rng(0)
         tokens = rng.integers(3, c.vocab_size, (batch, seq + 1)).astype(np.int32)
-        batch_arrays = mm.place({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-                                 "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-                                 "segment_ids": np.ones((batch, seq), np.int32),
-                                 "loss_mask": np.ones((batch, seq), np.float32)})
+        batch_arrays = mm.place(
+            {
+                "tokens": tokens[:, :-1],
+                "targets": tokens[:, 1:],
+                "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+                "segment_ids": np.ones((batch, seq), np.int32),
+                "loss_mask": np.ones((batch, seq), np.float32),
+            }
+        )
         holder = {"state": state}
 
         def run():
@@ -199,8 +235,17 @@ def lora_check(config, mm, params, batch: int, seq: int, layers: int, peak: floa
         s = best_seconds(run, repeats)
     # Forward + input gradients: twice the forward's FLOPs (the adapters' own FLOPs are left out).
     flops = batch * 2 * forward_flops(c, seq, seq)
-    return {"batch": batch, "seq": seq, "layers": layers, "seconds": s, "tokens_per_s": batch * seq / s,
-            "tflops": flops / s / 1e12, "mfu": flops / s / peak, "loss": loss, "finite": bool(jnp.isfinite(loss))}
+    return {
+        "batch": batch,
+        "seq": seq,
+        "layers": layers,
+        "seconds": s,
+        "tokens_per_s": batch * seq / s,
+        "tflops": flops / s / 1e12,
+        "mfu": flops / s / peak,
+        "loss": loss,
+        "finite": bool(jnp.isfinite(loss)),
+    }
 
 
 def cudnn_check() -> list[dict]:
@@ -218,11 +263,12 @@ def cudnn_check() -> list[dict]:
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((b, t, n, h), (b, t, kh, h), (b, t, kh, h)))
     seg = np.ones((b, t), np.int32)
     pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
-    seg[0, t // 3:], pos[0, t // 3:] = 2, np.arange(t - t // 3)   # two packed examples
-    seg[1, t - 100:], pos[1, t - 100:] = 0, 0                     # a padding tail
+    seg[0, t // 3 :], pos[0, t // 3 :] = 2, np.arange(t - t // 3)  # two packed examples
+    seg[1, t - 100 :], pos[1, t - 100 :] = 0, 0  # a padding tail
     seg, pos = jnp.asarray(seg), jnp.asarray(pos)
     real = (seg != 0)[:, :, None, None]
     for window in (None, 1024):
+
         def loss(fn, q):
             return jnp.sum(jnp.where(real, fn(q).astype(jnp.float32), 0.0) ** 2)
 
@@ -237,11 +283,13 @@ def cudnn_check() -> list[dict]:
             gscale = float(jnp.max(jnp.abs(gx.astype(jnp.float32))))
             # bfloat16 keeps 8 bits of mantissa: outputs of magnitude ~1 agree to a few 1e-2.
             ok = diff < 5e-2 and gdiff <= 5e-2 * max(gscale, 1.0)
-            out.append({"window": window, "max_abs_diff": diff, "grad_max_abs_diff": gdiff, "grad_scale": gscale,
-                        "equal": ok})
+            out.append(
+                {"window": window, "max_abs_diff": diff, "grad_max_abs_diff": gdiff, "grad_scale": gscale, "equal": ok}
+            )
         except Exception as e:  # an unsupported configuration is a finding, not a crash
-            out.append({"window": window, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                        "equal": False})
+            out.append(
+                {"window": window, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", "equal": False}
+            )
     return out
 
 
@@ -250,26 +298,37 @@ def _diffs(c: dict) -> str:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Device: {r['device']} ({r['device_kind']}), jax {r['jax']}; HBM measured "
-             f"{r.get('hbm_bytes_per_s', 0) / 1e12:.2f} TB/s, bf16 matmul measured "
-             f"{r.get('matmul_flops', 0) / 1e12:.0f} TFLOP/s, MFU against {r['peak_flops'] / 1e12:.0f} TFLOP/s.", "",
-             "| check | shape | result | against |", "|---|---|---|---|"]
+    lines = [
+        f"Device: {r['device']} ({r['device_kind']}), jax {r['jax']}; HBM measured "
+        f"{r.get('hbm_bytes_per_s', 0) / 1e12:.2f} TB/s, bf16 matmul measured "
+        f"{r.get('matmul_flops', 0) / 1e12:.0f} TFLOP/s, MFU against {r['peak_flops'] / 1e12:.0f} TFLOP/s.",
+        "",
+        "| check | shape | result | against |",
+        "|---|---|---|---|",
+    ]
     for d in r.get("decode", []):
-        lines.append(f"| decode 7B bf16 | batch {d['batch']}, {d['slots']} slots | {d['tokens_per_s']:.0f} tok/s "
-                     f"({d['step_ms']:.2f} ms/step) | HBM floor {d['hbm_floor_ms']:.2f} ms "
-                     f"({d['floor_fraction']:.0%}) |")
+        lines.append(
+            f"| decode 7B bf16 | batch {d['batch']}, {d['slots']} slots | {d['tokens_per_s']:.0f} tok/s "
+            f"({d['step_ms']:.2f} ms/step) | HBM floor {d['hbm_floor_ms']:.2f} ms "
+            f"({d['floor_fraction']:.0%}) |"
+        )
     if "prefill" in r:
         p = r["prefill"]
-        lines.append(f"| prefill 7B bf16 | {p['batch']} x {p['seq']} | {p['tokens_per_s']:.0f} tok/s | "
-                     f"MFU {p['mfu']:.1%} |")
+        lines.append(
+            f"| prefill 7B bf16 | {p['batch']} x {p['seq']} | {p['tokens_per_s']:.0f} tok/s | MFU {p['mfu']:.1%} |"
+        )
     if "lora" in r:
         p = r["lora"]
-        lines.append(f"| LoRA step r16 | {p['batch']} x {p['seq']}, {p['layers']} layers | "
-                     f"{p['tokens_per_s']:.0f} tok/s | MFU {p['mfu']:.1%} |")
+        lines.append(
+            f"| LoRA step r16 | {p['batch']} x {p['seq']}, {p['layers']} layers | "
+            f"{p['tokens_per_s']:.0f} tok/s | MFU {p['mfu']:.1%} |"
+        )
     for c in r.get("cudnn", []):
-        lines.append(f"| cuDNN vs XLA attention | window {c['window']} | "
-                     f"{'equal' if c['equal'] else 'DIFFERENT'} | "
-                     f"{c.get('error') or _diffs(c)} |")
+        lines.append(
+            f"| cuDNN vs XLA attention | window {c['window']} | "
+            f"{'equal' if c['equal'] else 'DIFFERENT'} | "
+            f"{c.get('error') or _diffs(c)} |"
+        )
     return "\n".join(lines)
 
 
@@ -293,8 +352,13 @@ def main(argv=None) -> int:
     only = set(args.only or ["hbm", "matmul", "decode", "prefill", "lora", "cudnn"])
     device = gpus[0]
     peak = next((v for k, v in PEAK_BF16.items() if k in device.device_kind), None)
-    r = {"device": str(device), "device_kind": device.device_kind, "jax": jax.__version__, "peak_flops": peak,
-         "notes": []}
+    r = {
+        "device": str(device),
+        "device_kind": device.device_kind,
+        "jax": jax.__version__,
+        "peak_flops": peak,
+        "notes": [],
+    }
 
     def log(what):
         print(f"[{time.perf_counter() - t_start:6.1f} s] {what}", file=sys.stderr, flush=True)
@@ -324,13 +388,19 @@ def main(argv=None) -> int:
         log("random 7B bfloat16 weights ...")
         params = mm.init_params(jax.random.key(0), "bfloat16")
         jax.block_until_ready(params)
-    section("decode", lambda: decode_check(config, mm, params, args.decode_batches, args.decode_steps, args.slots,
-                                           r["hbm_bytes_per_s"], args.repeats))
+    section(
+        "decode",
+        lambda: decode_check(
+            config, mm, params, args.decode_batches, args.decode_steps, args.slots, r["hbm_bytes_per_s"], args.repeats
+        ),
+    )
     section("prefill", lambda: prefill_check(config, mm, params, args.prefill_batch, args.seq, peak, args.repeats))
     if args.train_layers < config.n_layers:
         r["notes"].append(f"LoRA step at {args.train_layers} of {config.n_layers} layers")
-    section("lora", lambda: lora_check(config, mm, params, args.train_batch, args.seq, args.train_layers, peak,
-                                       args.repeats))
+    section(
+        "lora",
+        lambda: lora_check(config, mm, params, args.train_batch, args.seq, args.train_layers, peak, args.repeats),
+    )
     params = None  # noqa: F841 (the weights' memory back before the attention check)
     section("cudnn", cudnn_check)
     r["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -340,8 +410,9 @@ def main(argv=None) -> int:
             json.dump(r, f, indent=1)
     if args.markdown:
         print(markdown(r))
-    failed = [k for k in r if k.endswith("_error")] + [f"cudnn window {c['window']}" for c in r.get("cudnn", [])
-                                                       if not c["equal"]]
+    failed = [k for k in r if k.endswith("_error")] + [
+        f"cudnn window {c['window']}" for c in r.get("cudnn", []) if not c["equal"]
+    ]
     if failed:
         print(f"error: failed checks: {', '.join(failed)}", file=sys.stderr)
         return 1

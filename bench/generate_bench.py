@@ -29,9 +29,19 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = "1111997"
-HF_CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                 num_attention_heads=12, num_key_value_heads=4, head_dim=64, sliding_window=256,
-                 max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False)
+HF_CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    head_dim=64,
+    sliding_window=256,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
 NEW = 64
 
 HF_JOB = r"""
@@ -83,8 +93,10 @@ def whole_job(tmp, hf_dir, rounds, baseline):
     """The job `rounds` times over; each round runs ours cold (empty compilation cache), ours warm, the
     baseline revision cold, then transformers, back to back."""
     rng = np.random.default_rng(0)
-    rows = [{"id": i, "prompt_ids": [1] + rng.integers(3, 32000, int(n) - 1).tolist()}
-            for i, n in enumerate(rng.integers(65, 193, 32))]
+    rows = [
+        {"id": i, "prompt_ids": [1] + rng.integers(3, 32000, int(n) - 1).tolist()}
+        for i, n in enumerate(rng.integers(65, 193, 32))
+    ]
     inp = os.path.join(tmp, "prompts.jsonl")
     with open(inp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -98,9 +110,26 @@ def whole_job(tmp, hf_dir, rounds, baseline):
         for label, cwd, cache_name in runs:
             cache = os.path.join(tmp, f"xla-cache-{r}-{cache_name}")
             out = os.path.join(tmp, f"out-{r}-{label}.jsonl")
-            secs, _ = run_process([sys.executable, "-m", "infer.generate", "--checkpoint", hf_dir, "--input", inp,
-                                   "--output", out, "--max-new-tokens", str(NEW), "--batch-size", "8",
-                                   "--ignore-eos"], env={"MISTRAL_JAX_CACHE": cache}, cwd=cwd)
+            secs, _ = run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "infer.generate",
+                    "--checkpoint",
+                    hf_dir,
+                    "--input",
+                    inp,
+                    "--output",
+                    out,
+                    "--max-new-tokens",
+                    str(NEW),
+                    "--batch-size",
+                    "8",
+                    "--ignore-eos",
+                ],
+                env={"MISTRAL_JAX_CACHE": cache},
+                cwd=cwd,
+            )
             one[label] = (sum(json.loads(x)["completion_tokens"] for x in open(out)), secs)
         secs, stdout = run_process([sys.executable, script, hf_dir, inp])
         one["transformers"] = (json.loads(stdout.strip().splitlines()[-1])["tokens"], secs)
@@ -143,8 +172,9 @@ def decode_rates(hf_dir, hf_model, batches, steps, bandwidths):
     config, numerics, params = loaded.config, loaded.numerics, loaded.params
     rng = np.random.default_rng(1)
     pre = jax.jit(lambda p, t, n, c: decode.prefill(p, t, n, c, config=config, numerics=numerics, chunk=512))
-    dec = jax.jit(lambda p, st, m: decode.decode(p, st, m, config=config, numerics=numerics, sampled=False),
-                  donate_argnums=1)
+    dec = jax.jit(
+        lambda p, st, m: decode.decode(p, st, m, config=config, numerics=numerics, sampled=False), donate_argnums=1
+    )
     ours, theirs = {}, {}
     for b in batches:
         prompts = rng.integers(3, 32000, (b, 128)).astype(np.int32)
@@ -153,10 +183,21 @@ def decode_rates(hf_dir, hf_model, batches, steps, bandwidths):
             cache = decode.KVCache.init(config, b, config.sliding_window)
             logits, cache = pre(params, jnp.asarray(prompts), jnp.full((b,), 128, jnp.int32), cache)
             z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
-            return decode.DecodeState(cache=cache, logits=logits, out=jnp.zeros((b, steps), jnp.int32), n=z(0),
-                                      pos=z(128), done=z(False, bool), reason=z(0), seeds=z(0, jnp.uint32),
-                                      temperature=z(0.0, jnp.float32), top_k=z(0), top_p=z(1.0, jnp.float32),
-                                      max_new=z(steps), stop_ids=jnp.full((b, 1), -1, jnp.int32))
+            return decode.DecodeState(
+                cache=cache,
+                logits=logits,
+                out=jnp.zeros((b, steps), jnp.int32),
+                n=z(0),
+                pos=z(128),
+                done=z(False, bool),
+                reason=z(0),
+                seeds=z(0, jnp.uint32),
+                temperature=z(0.0, jnp.float32),
+                top_k=z(0),
+                top_p=z(1.0, jnp.float32),
+                max_new=z(steps),
+                stop_ids=jnp.full((b, 1), -1, jnp.int32),
+            )
 
         jax.block_until_ready(dec(params, state_after_prefill(), jnp.int32(steps)))  # compile
         times = []
@@ -171,11 +212,19 @@ def decode_rates(hf_dir, hf_model, batches, steps, bandwidths):
 
         ids = torch.tensor(prompts.astype(np.int64))
         with torch.no_grad():
+
             def hf(n, ids=ids):
                 t0 = time.perf_counter()
-                hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
+                hf_model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
                 return time.perf_counter() - t0
+
             hf(2)
             t_full = min(hf(steps + 1) for _ in range(2))
             t_pre = min(hf(1) for _ in range(2))
@@ -211,10 +260,16 @@ def main():
         bw = max(bandwidths)
 
     print(f"machine: {os.cpu_count()} CPU cores; torch {torch.__version__}")
-    print("\n1. whole batch job: 32 prompts of 65-192 tokens, 64 new greedy tokens, batch 8 (whole processes; per "
-          f"round: this tree cold, warm, revision {args.baseline} cold, then transformers)")
-    names = {"cold": "mistral-jax, cold compile cache", "warm": "mistral-jax, warm compile cache",
-             "baseline": f"revision {args.baseline}, cold", "transformers": "transformers"}
+    print(
+        "\n1. whole batch job: 32 prompts of 65-192 tokens, 64 new greedy tokens, batch 8 (whole processes; per "
+        f"round: this tree cold, warm, revision {args.baseline} cold, then transformers)"
+    )
+    names = {
+        "cold": "mistral-jax, cold compile cache",
+        "warm": "mistral-jax, warm compile cache",
+        "baseline": f"revision {args.baseline}, cold",
+        "transformers": "transformers",
+    }
     ratios = {"cold": [], "warm": [], "baseline": [], "cold / baseline": []}
     for r, one in enumerate(job["rounds"] if job else ()):
         hf_rate = one["transformers"][0] / one["transformers"][1]
@@ -225,27 +280,38 @@ def main():
             ratio = n / s / hf_rate
             if label in ratios:
                 ratios[label].append(ratio)
-            print(f"   round {r + 1}  {names[label]:33s} {n} tokens in {s:6.1f}s = {n / s:6.1f} tok/s   "
-                  f"vs transformers {ratio:4.2f}x")
+            print(
+                f"   round {r + 1}  {names[label]:33s} {n} tokens in {s:6.1f}s = {n / s:6.1f} tok/s   "
+                f"vs transformers {ratio:4.2f}x"
+            )
         if "baseline" in one:
             ratios["cold / baseline"].append(one["baseline"][1] / one["cold"][1])
     if job:
-        print("   medians over the rounds: " + ", ".join(
-            f"{label} {float(np.median(v)):.2f}x (range {min(v):.2f}-{max(v):.2f}x)" for label, v in ratios.items()
-            if v))
+        print(
+            "   medians over the rounds: "
+            + ", ".join(
+                f"{label} {float(np.median(v)):.2f}x (range {min(v):.2f}-{max(v):.2f}x)"
+                for label, v in ratios.items()
+                if v
+            )
+        )
 
     print("\n2. decode tokens/s (prompt 128, 64 greedy steps, compile excluded)")
     for b in batches:
-        print(f"   batch {b:2d}: mistral-jax {ours[b]:7.1f}   transformers {theirs[b]:7.1f}   "
-              f"ratio {ours[b] / theirs[b]:4.2f}x")
+        print(
+            f"   batch {b:2d}: mistral-jax {ours[b]:7.1f}   transformers {theirs[b]:7.1f}   "
+            f"ratio {ours[b] / theirs[b]:4.2f}x"
+        )
     # Bytes read per batch-1 decode step: every weight but the embedding table (one row is gathered), and
     # the KV cache (window slots, keys and values, every layer).
     weight_bytes = (config.num_params - config.vocab_size * config.dim) * 4
     kv_bytes = 2 * config.n_layers * config.sliding_window * config.n_kv_heads * config.head_dim * 4
     ceiling = bw / (weight_bytes + kv_bytes)
-    print(f"\n   read bandwidth (1 GiB sum, best of JAX and torch; measured {len(bandwidths)} times: "
-          f"{', '.join(f'{x / 1e9:.1f}' for x in bandwidths)} GB/s): {bw / 1e9:.1f} GB/s; bytes per batch-1 token: "
-          f"{(weight_bytes + kv_bytes) / 1e6:.0f} MB; ceiling {ceiling:.1f} tok/s")
+    print(
+        f"\n   read bandwidth (1 GiB sum, best of JAX and torch; measured {len(bandwidths)} times: "
+        f"{', '.join(f'{x / 1e9:.1f}' for x in bandwidths)} GB/s): {bw / 1e9:.1f} GB/s; bytes per batch-1 token: "
+        f"{(weight_bytes + kv_bytes) / 1e6:.0f} MB; ceiling {ceiling:.1f} tok/s"
+    )
     print(f"   batch-1 decode: {ours[1]:.1f} tok/s = {100 * ours[1] / ceiling:.0f}% of the bandwidth ceiling")
 
 

@@ -57,8 +57,11 @@ def forward_flops(config, seq: int, head_tokens: int | None = None) -> float:
     window = config.sliding_window or seq
     keys = sum(min(i + 1, window) for i in range(seq))
     head_tokens = seq if head_tokens is None else head_tokens
-    return (2 * seq * (n_matmul - head) + 2 * head_tokens * head
-            + 4 * config.n_layers * config.n_heads * config.head_dim * keys)
+    return (
+        2 * seq * (n_matmul - head)
+        + 2 * head_tokens * head
+        + 4 * config.n_layers * config.n_heads * config.head_dim * keys
+    )
 
 
 def flops_per_token(config, seq: int) -> float:
@@ -82,9 +85,13 @@ def bench_jax(config, tokens, steps: int, warmup: int) -> list[float]:
     b, t1 = tokens.shape
     seq = t1 - 1
     mask = np.ones((b, seq), np.float32)
-    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
-             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (b, seq)).copy(),
-             "segment_ids": np.ones((b, seq), np.int32)}
+    batch = {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": mask,
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (b, seq)).copy(),
+        "segment_ids": np.ones((b, seq), np.int32),
+    }
     batch = jax.device_put(batch)
     opt_cfg = ts.OptimizerConfig(lr=1e-4, total_steps=1000, clip_norm=1.0, weight_decay=0.0)
     params = jax.jit(params_lib.init_params, static_argnums=0)(config, jax.random.key(0))
@@ -133,9 +140,25 @@ def bench_baseline(rev: str, args) -> dict:
         path = os.path.join(tmp, "baseline")
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", path, rev], check=True, capture_output=True)
         try:
-            res = subprocess.run([sys.executable, "bench/train_bench.py", "--json", "--batch", str(args.batch), "--seq",
-                                  str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                                 cwd=path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    "bench/train_bench.py",
+                    "--json",
+                    "--batch",
+                    str(args.batch),
+                    "--seq",
+                    str(args.seq),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                ],
+                cwd=path,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": path},
+            )
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", path], capture_output=True)
     if res.returncode:
@@ -165,13 +188,24 @@ def main(argv=None) -> int:
     baseline = bench_baseline(args.baseline, args) if args.baseline else None
     theirs = bench_torch(config, tokens, args.steps, args.warmup, args.threads)
     fpt = flops_per_token(config, args.seq)
-    res = {"config": "mistral-125m", "params": config.num_params, "batch": args.batch, "seq": args.seq,
-           "tokens_per_step": n_tok, "matmul_gflops": peak / 1e9, "flops_per_token": fpt}
+    res = {
+        "config": "mistral-125m",
+        "params": config.num_params,
+        "batch": args.batch,
+        "seq": args.seq,
+        "tokens_per_step": n_tok,
+        "matmul_gflops": peak / 1e9,
+        "flops_per_token": fpt,
+    }
     for name, times in (("mistral_jax", ours), ("transformers", theirs)):
         step_s = float(np.median(times))
         tps = n_tok / step_s
-        res[name] = {"step_s": step_s, "tokens_per_s": tps, "mfu": tps * fpt / peak,
-                     "step_s_all": [round(x, 3) for x in times]}
+        res[name] = {
+            "step_s": step_s,
+            "tokens_per_s": tps,
+            "mfu": tps * fpt / peak,
+            "step_s_all": [round(x, 3) for x in times],
+        }
     res["speedup"] = res["mistral_jax"]["tokens_per_s"] / res["transformers"]["tokens_per_s"]
     if baseline:
         res["baseline"] = {"rev": args.baseline, **baseline["mistral_jax"]}
@@ -179,18 +213,24 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"mistral-125m ({config.num_params / 1e6:.1f}M params), f32, AdamW, batch {args.batch} x {args.seq} tokens "
-          f"= {n_tok} tokens/step, {args.steps} timed steps after {args.warmup} warm-up")
+    print(
+        f"mistral-125m ({config.num_params / 1e6:.1f}M params), f32, AdamW, batch {args.batch} x {args.seq} tokens "
+        f"= {n_tok} tokens/step, {args.steps} timed steps after {args.warmup} warm-up"
+    )
     print(f"matmul rate (4096^3 f32, jnp): {peak / 1e9:.1f} GFLOP/s; training FLOPs/token {fpt / 1e6:.0f}M")
     for name in ("mistral_jax", "transformers"):
         r = res[name]
         print(f"  {name:13s} {r['step_s']:7.2f} s/step  {r['tokens_per_s']:8.1f} tokens/s  MFU {r['mfu']:.1%}")
     if baseline:
         r = res["baseline"]
-        print(f"  {'rev ' + args.baseline:13s} {r['step_s']:7.2f} s/step  {r['tokens_per_s']:8.1f} tokens/s  "
-              f"MFU {r['mfu']:.1%}")
-    print(f"  speedup: {res['speedup']:.2f}x transformers" + (f", {res['vs_baseline']:.2f}x rev {args.baseline}"
-                                                            if baseline else ""))
+        print(
+            f"  {'rev ' + args.baseline:13s} {r['step_s']:7.2f} s/step  {r['tokens_per_s']:8.1f} tokens/s  "
+            f"MFU {r['mfu']:.1%}"
+        )
+    print(
+        f"  speedup: {res['speedup']:.2f}x transformers"
+        + (f", {res['vs_baseline']:.2f}x rev {args.baseline}" if baseline else "")
+    )
     return 0
 
 

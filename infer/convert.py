@@ -34,23 +34,35 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: keep the source's")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size of an hf export")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip the check of every weight for NaN/inf (and of an orbax source's checksums)")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the check of every weight for NaN/inf (and of an orbax source's checksums)",
+    )
     p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory, merged into the weights")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        done = checkpoint.convert(args.src, args.dst, to=args.to, dtype=args.dtype,
-                                  max_shard_bytes=args.max_shard_gb * 1e9, overwrite=args.overwrite,
-                                  check_finite=not args.no_check, adapter=args.adapter)
+        done = checkpoint.convert(
+            args.src,
+            args.dst,
+            to=args.to,
+            dtype=args.dtype,
+            max_shard_bytes=args.max_shard_gb * 1e9,
+            overwrite=args.overwrite,
+            check_finite=not args.no_check,
+            adapter=args.adapter,
+        )
     except (OSError, ValueError) as e:  # a missing or malformed source, an existing --dst
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     config = done.config
     merged = f" with {args.adapter} merged" if args.adapter else ""
-    print(f"converted {args.src} ({done.source_format}){merged} -> {args.dst} ({args.to}, {done.dtype}): "
-          f"{config.num_params / 1e6:.1f}M params, {config.n_layers} layers, window {config.sliding_window}, "
-          f"in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"converted {args.src} ({done.source_format}){merged} -> {args.dst} ({args.to}, {done.dtype}): "
+        f"{config.num_params / 1e6:.1f}M params, {config.n_layers} layers, window {config.sliding_window}, "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )
     return 0
 
 

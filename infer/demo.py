@@ -29,8 +29,16 @@ from mistral_jax.config import get_preset
 from mistral_jax.tokenizer import mistral_common_tokenizer
 
 MARKER = ".infer-demo"  # in every workdir this demo created: only those are cleaned
-OUTPUTS = ("hf", "ckpt", ".hf.partial", ".ckpt.partial", "texts.jsonl", "scores.jsonl", "prompts.jsonl",
-           "completions.jsonl")
+OUTPUTS = (
+    "hf",
+    "ckpt",
+    ".hf.partial",
+    ".ckpt.partial",
+    "texts.jsonl",
+    "scores.jsonl",
+    "prompts.jsonl",
+    "completions.jsonl",
+)
 
 
 def _is_output(name: str) -> bool:
@@ -44,8 +52,10 @@ def prepare_workdir(w: str) -> None:
     if os.path.exists(w) and not os.path.isdir(w):
         raise ValueError(f"--workdir {w} exists and is not a directory")
     if os.path.isdir(w) and os.listdir(w) and not os.path.isfile(os.path.join(w, MARKER)):
-        raise ValueError(f"--workdir {w} is a non-empty directory that infer.demo did not create (no {MARKER} "
-                         "marker); pass a new or empty directory")
+        raise ValueError(
+            f"--workdir {w} is a non-empty directory that infer.demo did not create (no {MARKER} "
+            "marker); pass a new or empty directory"
+        )
     os.makedirs(w, exist_ok=True)
     for name in filter(_is_output, os.listdir(w)):
         out = os.path.join(w, name)
@@ -68,8 +78,17 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    config = get_preset("tiny", vocab_size=32000, n_layers=4, dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2,
-                        head_dim=32, sliding_window=32)
+    config = get_preset(
+        "tiny",
+        vocab_size=32000,
+        n_layers=4,
+        dim=128,
+        hidden_dim=256,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=32,
+        sliding_window=32,
+    )
     print(f"1. random model: {config.num_params / 1e6:.1f}M params, window {config.sliding_window}")
     params = jax.jit(params_lib.init_params, static_argnums=0)(config, jax.random.key(0))
     checkpoint.export_hf(f"{w}/hf", params, config, dtype="float32", tokenizer=mistral_common_tokenizer("v1"))
@@ -83,13 +102,29 @@ def main(argv=None) -> int:
     print("3. python -m infer.score (a random model's perplexity is near its vocabulary size)")
     score.main(["--checkpoint", f"{w}/ckpt", "--input", f"{w}/texts.jsonl", "--output", f"{w}/scores.jsonl"])
 
-    prompts = [{"id": "a", "prompt": "Once upon a time"},
-               {"id": "b", "messages": [{"role": "user", "content": "Name three colors."}]}]
+    prompts = [
+        {"id": "a", "prompt": "Once upon a time"},
+        {"id": "b", "messages": [{"role": "user", "content": "Name three colors."}]},
+    ]
     with open(f"{w}/prompts.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in prompts)
     print("4. python -m infer.generate")
-    generate.main(["--checkpoint", f"{w}/ckpt", "--input", f"{w}/prompts.jsonl", "--output",
-                   f"{w}/completions.jsonl", "--max-new-tokens", "16", "--temperature", "0.8", "--seed", "1"])
+    generate.main(
+        [
+            "--checkpoint",
+            f"{w}/ckpt",
+            "--input",
+            f"{w}/prompts.jsonl",
+            "--output",
+            f"{w}/completions.jsonl",
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "1",
+        ]
+    )
     for line in open(f"{w}/completions.jsonl"):
         r = json.loads(line)
         print(f"   {r['id']}: {r['completion']!r} ({r['finish_reason']})")

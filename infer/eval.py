@@ -24,8 +24,12 @@ DEFAULT_BATCH_SIZE = 8  # lm_eval's default of 1 would leave our batched program
 
 
 def parse_args(argv=None):
-    p = launch.ArgumentParser(prog="python -m infer.eval", description=__doc__.split("\n")[0], allow_abbrev=False,
-                              epilog="Every other flag goes to lm_eval: see `lm-eval run --help`.")
+    p = launch.ArgumentParser(
+        prog="python -m infer.eval",
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+        epilog="Every other flag goes to lm_eval: see `lm-eval run --help`.",
+    )
     p.add_argument("--checkpoint", required=True, help="our checkpoint, or a transformers / Mistral directory")
     p.add_argument("--tokenizer", help="sentencepiece model (default: tokenizer.model in the checkpoint)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
@@ -38,8 +42,7 @@ def lm_eval_argv(args, rest: list[str]) -> list[str]:
     """lm_eval's command line for our model: `run --model mistral_jax --model_args {...}` then `rest`."""
     for flag in ("--model", "-M"):
         if flag in rest or any(a.startswith(flag + "=") for a in rest):
-            raise launch.UserError(f"{flag} is set by infer.eval (mistral_jax); pass model arguments with "
-                                   "--model_args")
+            raise launch.UserError(f"{flag} is set by infer.eval (mistral_jax); pass model arguments with --model_args")
     if rest and rest[0] in ("run", "ls", "validate"):
         raise launch.UserError(f"infer.eval always runs `lm-eval run`; drop {rest[0]!r}")
     model_args = {"checkpoint": args.checkpoint, "dtype": args.dtype}

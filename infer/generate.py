@@ -61,16 +61,25 @@ def _main(args) -> int:
     # Every flag and input is checked before anything is written.
     launch.check_batch_size(args.batch_size)
     try:
-        base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
-                              stop_token_ids=() if args.ignore_eos else None)
+        base = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop_strings=tuple(args.stop),
+            stop_token_ids=() if args.ignore_eos else None,
+        )
     except ValueError as e:
         raise launch.UserError(str(e)) from None
     # Mesh, model-divides check and memory plan (KV cache for prompt + completion up to max_seq_len), before
     # the weights are loaded.
     with launch.user_errors(files=True):
-        mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(
-            c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="generate"))
+        mm = launch.start(
+            args,
+            args.checkpoint,
+            lambda c, mesh: memory_plan.inference(c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="generate"),
+        )
     out = JobOutput(args.output, args.input, batch_job.settings(base, args.seed, **launch.model_settings(args)))
     out.check()
     with out:
@@ -79,13 +88,16 @@ def _main(args) -> int:
         timer = api.CompileTimer()
         t_start = time.perf_counter()
         with launch.user_errors(files=True):
-            model = api.Mistral(api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm,
-                                               **launch.load_model_kwargs(args)), batch_size=batch_size)
+            model = api.Mistral(
+                api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm, **launch.load_model_kwargs(args)),
+                batch_size=batch_size,
+            )
         if args.stop and model.tokenizer is None:
             raise launch.UserError("--stop needs a tokenizer")
         load_s = time.perf_counter() - t_start
 
         with tqdm(desc="generate", unit="row") as bar:
+
             def progress(n, stats):
                 bar.total = stats.todo
                 bar.update(n)
@@ -93,9 +105,11 @@ def _main(args) -> int:
 
             stats = batch_job.run(model, args.input, args.output, base, args.seed, progress, output=out)
     total = time.perf_counter() - t_start
-    print(f"rows: {stats.rows} generated, {stats.errors} errors; tokens: {stats.tokens}; "
-          f"{rate(stats.tokens, model.generator.busy_seconds())} tokens/s excluding compilation; "
-          f"compile {timer.seconds:.1f}s; load {load_s:.1f}s; total {total:.1f}s")
+    print(
+        f"rows: {stats.rows} generated, {stats.errors} errors; tokens: {stats.tokens}; "
+        f"{rate(stats.tokens, model.generator.busy_seconds())} tokens/s excluding compilation; "
+        f"compile {timer.seconds:.1f}s; load {load_s:.1f}s; total {total:.1f}s"
+    )
     return 0 if stats.rows or not stats.errors else 1
 
 
@@ -106,4 +120,5 @@ def rate(tokens: int, seconds: float) -> str:
 
 if __name__ == "__main__":
     from mistral_jax import launch
+
     launch.exit_process(launch.run_tool(main))

@@ -37,33 +37,56 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=list(PRESETS))
     src.add_argument("--checkpoint", help="read the config of a checkpoint directory instead of a preset")
-    p.add_argument("--mesh", default=None,
-                   help="e.g. fsdp=8 or data=2,fsdp=2,tensor=2 (default: the tools' own, mistral_jax/mesh_choice.py: "
-                        "data x tensor for generate and score, every device on fsdp for training)")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="e.g. fsdp=8 or data=2,fsdp=2,tensor=2 (default: the tools' own, mistral_jax/mesh_choice.py: "
+        "data x tensor for generate and score, every device on fsdp for training)",
+    )
     p.add_argument("--devices", type=int, help="device count (needed when --mesh has -1 or is omitted)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="params and KV cache for inference; frozen base params for LoRA")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["float32", "bfloat16", "float16"],
+        help="params and KV cache for inference; frozen base params for LoRA",
+    )
     p.add_argument("--device", choices=list(memory_plan.DEVICES), help="accelerator whose memory to check")
     p.add_argument("--memory-gib", type=float, help="memory per device in GiB (instead of --device)")
-    p.add_argument("--topology", metavar="CHIP:SHAPE",
-                   help=f"a TPU slice, e.g. v5e:2x4 or v5p:2x2x1 (chips: {', '.join(TOPOLOGY_CHIPS)}): its "
-                        "device count and HBM; with --compile, its compiler")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the job's programs for --topology (needs libtpu) and report their memory")
+    p.add_argument(
+        "--topology",
+        metavar="CHIP:SHAPE",
+        help=f"a TPU slice, e.g. v5e:2x4 or v5p:2x2x1 (chips: {', '.join(TOPOLOGY_CHIPS)}): its "
+        "device count and HBM; with --compile, its compiler",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the job's programs for --topology (needs libtpu) and report their memory",
+    )
     p.add_argument("--config", metavar="YAML", help="a training run config (train.finetune's) for lora / full")
-    p.add_argument("--job", nargs="+", default=None, choices=JOBS,
-                   help="default: generate lora full, or the --config's job")
+    p.add_argument(
+        "--job", nargs="+", default=None, choices=JOBS, help="default: generate lora full, or the --config's job"
+    )
     p.add_argument("--batch", type=int, default=32, help="inference rows per batch")
-    p.add_argument("--len", type=int, default=None, help="inference tokens per row (prompt + completion); "
-                   "default --seq-len, else 4096")
+    p.add_argument(
+        "--len",
+        type=int,
+        default=None,
+        help="inference tokens per row (prompt + completion); default --seq-len, else 4096",
+    )
     p.add_argument("--train-batch", type=int, default=8, help="training sequences per step")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per batch of every job (sets --batch and --train-batch)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="rows per batch of every job (sets --batch and --train-batch)"
+    )
     p.add_argument("--seq-len", type=int, default=None, help="training tokens per sequence (default 4096)")
     p.add_argument("--grad-accum", type=int, default=None, help="training microbatches per step (default 1)")
     p.add_argument("--lora-rank", type=int, default=None, help="default 16, or the --config's")
-    p.add_argument("--attention", choices=list(ATTENTION_IMPLS), default=None,
-                   help="attention kernel (default: xla for inference, auto for training, or the --config's)")
+    p.add_argument(
+        "--attention",
+        choices=list(ATTENTION_IMPLS),
+        default=None,
+        help="attention kernel (default: xla for inference, auto for training, or the --config's)",
+    )
     p.add_argument("--markdown", action="store_true", help="one table row per job (docs/scaling.md)")
     p.add_argument("--json", action="store_true", help="one JSON object per job")
     return p.parse_args(argv)
@@ -88,8 +111,10 @@ def topology_devices(topology: str) -> int:
     except ValueError:
         dims = []
     if chip not in TOPOLOGY_CHIPS or not dims or min(dims) <= 0:
-        raise ValueError(f"--topology {topology!r}: expected CHIP:SHAPE with CHIP one of "
-                         f"{', '.join(TOPOLOGY_CHIPS)}, e.g. v5e:2x4 or v5p:2x2x1")
+        raise ValueError(
+            f"--topology {topology!r}: expected CHIP:SHAPE with CHIP one of "
+            f"{', '.join(TOPOLOGY_CHIPS)}, e.g. v5e:2x4 or v5p:2x2x1"
+        )
     return math.prod(dims)
 
 
@@ -123,8 +148,11 @@ def job_settings(job: str, args, run) -> dict:
         batch = args.batch_size or (run.batch_size if run is not None else args.train_batch)
         accum = args.grad_accum or (run.grad_accum if run is not None else 1)
         rank = args.lora_rank or (run.lora.rank if run is not None and run.lora is not None else 16)
-        numerics = run.numerics if run is not None else Numerics(param_dtype="float32", dtype=args.dtype,
-                                                                  remat="full", attention_impl="auto")
+        numerics = (
+            run.numerics
+            if run is not None
+            else Numerics(param_dtype="float32", dtype=args.dtype, remat="full", attention_impl="auto")
+        )
     else:
         seq = args.len or seq
         batch, accum, rank = args.batch_size or args.batch, 1, args.lora_rank or 16
@@ -141,17 +169,26 @@ def plan_of(config, sizes, job: str, s: dict) -> memory_plan.Plan:
     if job in ("generate", "score"):
         return memory_plan.inference(config, sizes, n.dtype, s["batch_size"], s["seq_len"], kind=job)
     lora = job == "lora"
-    return memory_plan.training(config, sizes, job, s["batch_size"] // s["grad_accum"], s["seq_len"],
-                                base_dtype=n.dtype if lora else n.param_dtype, compute_dtype=n.dtype,
-                                lora_rank=s["lora_rank"])
+    return memory_plan.training(
+        config,
+        sizes,
+        job,
+        s["batch_size"] // s["grad_accum"],
+        s["seq_len"],
+        base_dtype=n.dtype if lora else n.param_dtype,
+        compute_dtype=n.dtype,
+        lora_rank=s["lora_rank"],
+    )
 
 
 def markdown_row(name: str, plan: memory_plan.Plan, memory: int | None) -> str:
     g = lambda n: f"{n / memory_plan.GiB:.1f}"  # noqa: E731
     fits = memory_plan.verdict(plan, memory) if memory is not None else "-"
-    return (f"| {name} | {sharding.describe(plan.mesh)} | {plan.title} | {g(plan.bytes_of('weights'))} | "
-            f"{g(plan.bytes_of('optimizer'))} | {g(plan.bytes_of('cache'))} | {g(plan.bytes_of('activations'))} | "
-            f"{g(plan.total_bytes)} | {fits} |")
+    return (
+        f"| {name} | {sharding.describe(plan.mesh)} | {plan.title} | {g(plan.bytes_of('weights'))} | "
+        f"{g(plan.bytes_of('optimizer'))} | {g(plan.bytes_of('cache'))} | {g(plan.bytes_of('activations'))} | "
+        f"{g(plan.total_bytes)} | {fits} |"
+    )
 
 
 def compiled(config, args, job: str, s: dict, run, mesh_spec: str | None) -> dict:
@@ -163,16 +200,22 @@ def compiled(config, args, job: str, s: dict, run, mesh_spec: str | None) -> dic
         kw = dict(opt_cfg=run.optimizer_config(), lora_spec=run.lora if job == "lora" else None)
         if job == "lora" and args.lora_rank:
             kw["lora_spec"] = dataclasses.replace(run.lora, rank=args.lora_rank)
-    report = aot.compile_job(config, args.topology, mesh_spec,
-                             aot.Job(job, s["batch_size"], s["seq_len"], s["grad_accum"], s["lora_rank"]),
-                             s["numerics"], **kw)
+    report = aot.compile_job(
+        config,
+        args.topology,
+        mesh_spec,
+        aot.Job(job, s["batch_size"], s["seq_len"], s["grad_accum"], s["lora_rank"]),
+        s["numerics"],
+        **kw,
+    )
     if not args.json:
         print(report.format())
     return report.as_dict()
 
 
-def job_mesh(config, job: str, s: dict, spec: str | None, devices: int | None,
-             memory: int | None) -> tuple[dict[str, int], str | None]:
+def job_mesh(
+    config, job: str, s: dict, spec: str | None, devices: int | None, memory: int | None
+) -> tuple[dict[str, int], str | None]:
     """(mesh sizes, why) of a job: --mesh (or the --config's) as given, else the tools' default for the job
     (mesh_choice.default_mesh_spec), checked against `memory` when known."""
     if spec or devices is None:
@@ -194,18 +237,31 @@ def compare_meshes(config, args, s: dict, chosen: dict[str, int]) -> list[dict]:
         b = mm.round_batch(s["batch_size"])
         slots = kv_cache.num_slots(c, min(s["seq_len"], c.max_seq_len))
         p = aot.decode_step_estimate(mm, numerics, b, slots)[0]
-        roof = None if p.flops is None or p.bytes_accessed is None else \
-            max(p.flops / chip.bf16_flops, p.bytes_accessed / chip.hbm_bandwidth)
-        rows.append({"mesh": sharding.describe(sizes), "chosen": sizes == chosen, "batch": b,
-                     "roofline_seconds": roof, "optimal_seconds": p.optimal_seconds,
-                     "compiled_bytes": p.compiled_bytes, "fits": p.compiled_bytes <= chip.hbm_bytes})
+        roof = (
+            None
+            if p.flops is None or p.bytes_accessed is None
+            else max(p.flops / chip.bf16_flops, p.bytes_accessed / chip.hbm_bandwidth)
+        )
+        rows.append(
+            {
+                "mesh": sharding.describe(sizes),
+                "chosen": sizes == chosen,
+                "batch": b,
+                "roofline_seconds": roof,
+                "optimal_seconds": p.optimal_seconds,
+                "compiled_bytes": p.compiled_bytes,
+                "fits": p.compiled_bytes <= chip.hbm_bytes,
+            }
+        )
     if not args.json:
         ms = lambda x: "-" if x is None else f"{x * 1e3:.2f} ms"  # noqa: E731
         print(f"  decode step ({s['batch_size']} rows) by mesh, all {c.n_layers} layers estimated from 1 and 2:")
         for r in rows:
-            print(f"    {r['mesh']:26s} roofline {ms(r['roofline_seconds']):>10s}  compiler "
-                  f"{ms(r['optimal_seconds']):>10s}  {r['compiled_bytes'] / memory_plan.GiB:6.2f} GiB (2 layers)"
-                  f"{'  <- chosen' if r['chosen'] else ''}")
+            print(
+                f"    {r['mesh']:26s} roofline {ms(r['roofline_seconds']):>10s}  compiler "
+                f"{ms(r['optimal_seconds']):>10s}  {r['compiled_bytes'] / memory_plan.GiB:6.2f} GiB (2 layers)"
+                f"{'  <- chosen' if r['chosen'] else ''}"
+            )
     return rows
 
 
@@ -223,8 +279,13 @@ def main(argv=None) -> int:
         mesh_spec = args.mesh or (run.mesh if run is not None else None)
         settings = {job: job_settings(job, args, run) for job in jobs}
         chip = args.topology.split(":")[0] if args.topology else None
-        memory = int(args.memory_gib * memory_plan.GiB) if args.memory_gib else \
-            memory_plan.DEVICES.get(args.device or chip) if (args.device or chip) else None
+        memory = (
+            int(args.memory_gib * memory_plan.GiB)
+            if args.memory_gib
+            else memory_plan.DEVICES.get(args.device or chip)
+            if (args.device or chip)
+            else None
+        )
         meshes = {job: job_mesh(config, job, settings[job], mesh_spec, devices, memory) for job in jobs}
         for sizes, _ in meshes.values():
             sharding.check_divisible(config, sizes)
@@ -253,10 +314,20 @@ def main(argv=None) -> int:
             elif why:
                 print(f"  note: mesh {sharding.describe(sizes)}: {why}")
         elif args.json:
-            print(json.dumps({"job": job, "mesh": sharding.describe(sizes), "devices": math.prod(sizes.values()),
-                              "planned_bytes": plan.total_bytes, "hbm_bytes": memory,
-                              "fits": None if memory is None else plan.total_bytes <= memory,
-                              "rows": {r.what: r.bytes for r in plan.rows}, "notes": plan.notes}))
+            print(
+                json.dumps(
+                    {
+                        "job": job,
+                        "mesh": sharding.describe(sizes),
+                        "devices": math.prod(sizes.values()),
+                        "planned_bytes": plan.total_bytes,
+                        "hbm_bytes": memory,
+                        "fits": None if memory is None else plan.total_bytes <= memory,
+                        "rows": {r.what: r.bytes for r in plan.rows},
+                        "notes": plan.notes,
+                    }
+                )
+            )
         elif args.markdown:
             print(markdown_row(name, plan, memory))
             for note in plan.notes:

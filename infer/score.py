@@ -88,8 +88,11 @@ def _main(args) -> int:
     # max_seq_len) done, before anything is written or any weight read.
     launch.check_batch_size(args.batch_size)
     with launch.user_errors(files=True):
-        mm = launch.start(args, args.checkpoint, lambda c, mesh: memory_plan.inference(
-            c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="score"))
+        mm = launch.start(
+            args,
+            args.checkpoint,
+            lambda c, mesh: memory_plan.inference(c, mesh, args.dtype, args.batch_size, c.max_seq_len, kind="score"),
+        )
     out = JobOutput(args.output, args.input, {"job": "score", **launch.model_settings(args)})
     out.check()
     with out:
@@ -98,8 +101,11 @@ def _main(args) -> int:
         with launch.user_errors(files=True):
             m = api.load_model(args.checkpoint, args.dtype, args.tokenizer, mesh=mm, **launch.load_model_kwargs(args))
         c = m.config
-        print(f"loaded {args.checkpoint}: {c.num_params / 1e6:.1f}M params, {args.dtype}, "
-              f"window {c.sliding_window}, in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        print(
+            f"loaded {args.checkpoint}: {c.num_params / 1e6:.1f}M params, {args.dtype}, "
+            f"window {c.sliding_window}, in {time.perf_counter() - t0:.1f}s",
+            file=sys.stderr,
+        )
         before, now = Totals(), Totals()
         done = out.begin(on_row=before.add)
         if done.rows:
@@ -116,8 +122,11 @@ def _main(args) -> int:
                 bar.update(len(results))
     total_nll, total_tokens = before.nll + now.nll, before.tokens + now.tokens
     ppl = _exp(total_nll / total_tokens) if total_tokens else float("nan")
-    print(f"rows scored: {now.ok}, errors: {now.errors}" + (f" ({done.rows} rows resumed)" if done.rows else "")
-          + f", predicted tokens: {total_tokens}, corpus perplexity: {ppl:.4f}")
+    print(
+        f"rows scored: {now.ok}, errors: {now.errors}"
+        + (f" ({done.rows} rows resumed)" if done.rows else "")
+        + f", predicted tokens: {total_tokens}, corpus perplexity: {ppl:.4f}"
+    )
     return 0 if now.ok or not now.errors else 1
 
 
@@ -147,8 +156,15 @@ def _score_chunk(m, chunk, path, batch_size, mm) -> list[dict]:
             continue
         lp = lps[i]
         nll = -float(lp.sum())
-        results.append({"id": row.id, "token_logprobs": [float(x) for x in lp], "nll": nll, "num_tokens": len(ids),
-                        "perplexity": _exp(nll / len(lp))})
+        results.append(
+            {
+                "id": row.id,
+                "token_logprobs": [float(x) for x in lp],
+                "nll": nll,
+                "num_tokens": len(ids),
+                "perplexity": _exp(nll / len(lp)),
+            }
+        )
     return results
 
 

@@ -41,8 +41,8 @@ class Chip:
     """One TPU chip as a JAX device sees it (a v4 / v5p chip is one megacore device)."""
 
     hbm_bytes: int
-    bf16_flops: float       # peak bfloat16 FLOP/s
-    hbm_bandwidth: float    # bytes/s
+    bf16_flops: float  # peak bfloat16 FLOP/s
+    hbm_bandwidth: float  # bytes/s
 
 
 CHIPS: dict[str, Chip] = {
@@ -63,8 +63,9 @@ def chip_of(topology: str) -> Chip:
     """'v5e:2x4' -> CHIPS['v5e']."""
     name = topology.split(":")[0]
     if name not in CHIPS or ":" not in topology:
-        raise AotError(f"topology {topology!r}: expected CHIP:SHAPE with CHIP one of {', '.join(CHIPS)}, "
-                       "e.g. v5e:2x4 or v5p:2x2x1")
+        raise AotError(
+            f"topology {topology!r}: expected CHIP:SHAPE with CHIP one of {', '.join(CHIPS)}, e.g. v5e:2x4 or v5p:2x2x1"
+        )
     return CHIPS[name]
 
 
@@ -73,8 +74,12 @@ def topology_devices(topology: str) -> tuple:
     """The devices of a TPU slice, e.g. 'v5e:2x4' (8 devices), for compiling only."""
     chip_of(topology)
     # No TPU metadata server to ask, and other JAX processes on this machine may hold libtpu's lock.
-    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-8"),
-                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    for key, value in (
+        ("TPU_SKIP_MDS_QUERY", "1"),
+        ("TPU_ACCELERATOR_TYPE", "v5litepod-8"),
+        ("TPU_WORKER_HOSTNAMES", "localhost"),
+        ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+    ):
         os.environ.setdefault(key, value)
     try:
         import libtpu  # noqa: F401
@@ -95,6 +100,7 @@ def model_mesh(config: MistralConfig, topology: str, spec: str | None) -> ModelM
 
 # ---- abstract inputs ----------------------------------------------------------------------------------------
 
+
 def _abstract(shapes, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
@@ -108,6 +114,7 @@ def abstract_params(mm: ModelMesh, dtype: str):
 
 
 # ---- what is compiled ----------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -140,8 +147,8 @@ class Program:
     flops: float | None
     bytes_accessed: float | None
     optimal_seconds: float | None  # the compiler's estimate; None where it gives none (negative)
-    kernels: int = 0               # Pallas (Mosaic) kernel calls in the program, e.g. splash attention
-    error: str | None = None       # the compiler's refusal (out of HBM): bytes are then arguments + its temporaries
+    kernels: int = 0  # Pallas (Mosaic) kernel calls in the program, e.g. splash attention
+    error: str | None = None  # the compiler's refusal (out of HBM): bytes are then arguments + its temporaries
 
     @property
     def compiled_bytes(self) -> int:
@@ -166,19 +173,37 @@ def compile_program(name: str, jitted, *args, **kwargs) -> Program:
         if "RESOURCE_EXHAUSTED" not in str(e) or not found:
             raise
         arguments = sum(_device_bytes(x) for x in jax.tree.leaves((args, kwargs)))
-        return Program(name, arguments, 0, 0, int(float(found.group(1)) * _UNITS[found.group(2)]),
-                       round(time.perf_counter() - t0, 2), None, None, None, kernels,
-                       str(e).strip().splitlines()[0][:300])
+        return Program(
+            name,
+            arguments,
+            0,
+            0,
+            int(float(found.group(1)) * _UNITS[found.group(2)]),
+            round(time.perf_counter() - t0, 2),
+            None,
+            None,
+            None,
+            kernels,
+            str(e).strip().splitlines()[0][:300],
+        )
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     optimal = cost.get("optimal_seconds")
-    return Program(name, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
-                   int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), round(seconds, 2),
-                   cost.get("flops"), cost.get("bytes accessed"),
-                   optimal if optimal is not None and optimal >= 0 else None, kernels)
+    return Program(
+        name,
+        int(mem.argument_size_in_bytes),
+        int(mem.output_size_in_bytes),
+        int(mem.alias_size_in_bytes),
+        int(mem.temp_size_in_bytes),
+        round(seconds, 2),
+        cost.get("flops"),
+        cost.get("bytes accessed"),
+        optimal if optimal is not None and optimal >= 0 else None,
+        kernels,
+    )
 
 
 # The TPU compiler's refusal: "... HLO temporaries (20.72G) exceeds available HBM (15.75G)" (binary units).
@@ -209,14 +234,24 @@ def generate_programs(mm: ModelMesh, numerics: Numerics, job: Job) -> list[Progr
     out = []
     with mm.activate():
         prefill = programs.prefill_program(c, numerics, chunk, mm)
-        out.append(compile_program(f"prefill {b} x {prompt}", prefill, params, _rows(mm, (b, prompt)),
-                                   _rows(mm, (b,)), cache))
+        out.append(
+            compile_program(f"prefill {b} x {prompt}", prefill, params, _rows(mm, (b, prompt)), _rows(mm, (b,)), cache)
+        )
         state_sh = programs.state_shardings(mm.mesh, mm.rules)
         state = jax.eval_shape(lambda: _empty_state(c, b, slots, new, numerics.dtype))
         state = _abstract(state, state_sh)
         decode = programs.decode_program(c, numerics, mm)
-        out.append(compile_program(f"decode loop {b} rows, {slots} slots", decode, params, state,
-                                   jax.ShapeDtypeStruct((), jnp.int32), sampled=True, final=False))
+        out.append(
+            compile_program(
+                f"decode loop {b} rows, {slots} slots",
+                decode,
+                params,
+                state,
+                jax.ShapeDtypeStruct((), jnp.int32),
+                sampled=True,
+                final=False,
+            )
+        )
     out += decode_step_estimate(mm, numerics, b, slots)
     return out
 
@@ -242,27 +277,49 @@ def decode_step_estimate(mm: ModelMesh, numerics: Numerics, b: int, slots: int) 
         m = ModelMesh(mm.mesh, mm.config.replace(n_layers=n))
         cache = _abstract(kv_cache.KVCache.shapes(m.config, b, slots, numerics.dtype), m.cache_shardings())
         with m.activate():
-            steps.append(compile_program(f"decode step ({n} layer)", _decode_step(m.config, numerics, m),
-                                         _unrolled_params(m, numerics.dtype), _rows(m, (b, 1)), _rows(m, (b, 1)),
-                                         cache))
+            steps.append(
+                compile_program(
+                    f"decode step ({n} layer)",
+                    _decode_step(m.config, numerics, m),
+                    _unrolled_params(m, numerics.dtype),
+                    _rows(m, (b, 1)),
+                    _rows(m, (b, 1)),
+                    cache,
+                )
+            )
     one, two = steps
     n = mm.config.n_layers
     est = lambda a, z: None if a is None or z is None else a + (n - 1) * (z - a)  # noqa: E731
     name = f"decode step {b} rows, {slots} slots (time: {n} layers from 1 and 2; memory: 2 layers)"
-    return [dataclasses.replace(two, name=name,
-                                compile_seconds=round(one.compile_seconds + two.compile_seconds, 2),
-                                flops=est(one.flops, two.flops), bytes_accessed=est(one.bytes_accessed,
-                                                                                     two.bytes_accessed),
-                                optimal_seconds=est(one.optimal_seconds, two.optimal_seconds))]
+    return [
+        dataclasses.replace(
+            two,
+            name=name,
+            compile_seconds=round(one.compile_seconds + two.compile_seconds, 2),
+            flops=est(one.flops, two.flops),
+            bytes_accessed=est(one.bytes_accessed, two.bytes_accessed),
+            optimal_seconds=est(one.optimal_seconds, two.optimal_seconds),
+        )
+    ]
 
 
 def _empty_state(config, b, slots, new, dtype):
     rows = lambda dt, fill=0: jnp.full((b,), fill, dt)  # noqa: E731
     return decode_lib.DecodeState(
-        cache=kv_cache.KVCache.init(config, b, slots, dtype), logits=jnp.zeros((b, config.vocab_size), jnp.float32),
-        out=jnp.zeros((b, new), jnp.int32), n=rows(jnp.int32), pos=rows(jnp.int32), done=rows(bool),
-        reason=rows(jnp.int32), seeds=rows(jnp.uint32), temperature=rows(jnp.float32), top_k=rows(jnp.int32),
-        top_p=rows(jnp.float32, 1), max_new=rows(jnp.int32), stop_ids=jnp.zeros((b, 1), jnp.int32))
+        cache=kv_cache.KVCache.init(config, b, slots, dtype),
+        logits=jnp.zeros((b, config.vocab_size), jnp.float32),
+        out=jnp.zeros((b, new), jnp.int32),
+        n=rows(jnp.int32),
+        pos=rows(jnp.int32),
+        done=rows(bool),
+        reason=rows(jnp.int32),
+        seeds=rows(jnp.uint32),
+        temperature=rows(jnp.float32),
+        top_k=rows(jnp.int32),
+        top_p=rows(jnp.float32, 1),
+        max_new=rows(jnp.int32),
+        stop_ids=jnp.zeros((b, 1), jnp.int32),
+    )
 
 
 def _decode_step(config: MistralConfig, numerics: Numerics, mm: ModelMesh):
@@ -270,11 +327,11 @@ def _decode_step(config: MistralConfig, numerics: Numerics, mm: ModelMesh):
     from . import model as model_lib
 
     def step(params, tokens, positions, cache):
-        return model_lib.forward(params, tokens, positions, jnp.ones_like(tokens), cache, config=config,
-                                 numerics=numerics)
+        return model_lib.forward(
+            params, tokens, positions, jnp.ones_like(tokens), cache, config=config, numerics=numerics
+        )
 
-    return jax.jit(step, donate_argnames=("cache",),
-                   out_shardings=(mm.batch_sharding(3), mm.cache_shardings()))
+    return jax.jit(step, donate_argnames=("cache",), out_shardings=(mm.batch_sharding(3), mm.cache_shardings()))
 
 
 def score_programs(mm: ModelMesh, numerics: Numerics, job: Job) -> list[Program]:
@@ -282,12 +339,24 @@ def score_programs(mm: ModelMesh, numerics: Numerics, job: Job) -> list[Program]
     b = mm.round_batch(job.batch_size)
     fn = scoring._jitted(mm.config, numerics)
     with mm.activate():
-        return [compile_program(f"score {b} x {job.seq_len}", fn, abstract_params(mm, numerics.dtype),
-                                _rows(mm, (b, job.seq_len)), _rows(mm, (b,)))]
+        return [
+            compile_program(
+                f"score {b} x {job.seq_len}",
+                fn,
+                abstract_params(mm, numerics.dtype),
+                _rows(mm, (b, job.seq_len)),
+                _rows(mm, (b,)),
+            )
+        ]
 
 
-def train_programs(mm: ModelMesh, numerics: Numerics, job: Job,
-                   opt_cfg: ts.OptimizerConfig | None = None, lora_spec: LoraConfig | None = None) -> list[Program]:
+def train_programs(
+    mm: ModelMesh,
+    numerics: Numerics,
+    job: Job,
+    opt_cfg: ts.OptimizerConfig | None = None,
+    lora_spec: LoraConfig | None = None,
+) -> list[Program]:
     """train_step.jit_train_step as the trainer jits it: one optimizer step of the job's batch."""
     c = mm.config
     opt_cfg = opt_cfg or ts.OptimizerConfig(total_steps=1000)
@@ -304,10 +373,12 @@ def train_programs(mm: ModelMesh, numerics: Numerics, job: Job,
     b = mm.round_batch(job.batch_size)
     batch = {k: _rows(mm, (b, job.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32) for k in ts.BATCH_KEYS}
     with mm.activate():
-        step = ts.jit_train_step(c, opt_cfg, numerics=numerics, lora_spec=lora_spec, grad_accum=job.grad_accum,
-                                 mm=mm)
-        return [compile_program(f"{job.kind} train step {b} x {job.seq_len}, grad_accum {job.grad_accum}", step,
-                                state, frozen, batch)]
+        step = ts.jit_train_step(c, opt_cfg, numerics=numerics, lora_spec=lora_spec, grad_accum=job.grad_accum, mm=mm)
+        return [
+            compile_program(
+                f"{job.kind} train step {b} x {job.seq_len}, grad_accum {job.grad_accum}", step, state, frozen, batch
+            )
+        ]
 
 
 def planned(mm: ModelMesh, numerics: Numerics, job: Job) -> memory_plan.Plan:
@@ -316,12 +387,20 @@ def planned(mm: ModelMesh, numerics: Numerics, job: Job) -> memory_plan.Plan:
         return memory_plan.inference(mm.config, mm.mesh, numerics.dtype, job.batch_size, job.seq_len, kind=job.kind)
     micro = job.batch_size // job.grad_accum
     lora = job.kind == "lora"
-    return memory_plan.training(mm.config, mm.mesh, job.kind, micro, job.seq_len,
-                                base_dtype=numerics.dtype if lora else numerics.param_dtype,
-                                compute_dtype=numerics.dtype, lora_rank=job.lora_rank)
+    return memory_plan.training(
+        mm.config,
+        mm.mesh,
+        job.kind,
+        micro,
+        job.seq_len,
+        base_dtype=numerics.dtype if lora else numerics.param_dtype,
+        compute_dtype=numerics.dtype,
+        lora_rank=job.lora_rank,
+    )
 
 
 # ---- the report ----------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Report:
@@ -358,36 +437,58 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         plan_vs = self.planned_bytes / self.compiled_bytes - 1 if self.compiled_bytes else None
-        return {"job": self.job, "topology": self.topology, "mesh": self.mesh, "devices": self.devices,
-                "fits": self.fits, "planned_bytes": self.planned_bytes, "compiled_bytes": self.compiled_bytes,
-                "hbm_bytes": self.hbm_bytes, "headroom_bytes": self.hbm_bytes - self.compiled_bytes,
-                "plan_error": None if plan_vs is None else round(plan_vs, 3), "floor_seconds": self.floor_seconds,
-                "compile_seconds": self.compile_seconds,
-                "optimal_seconds": {p.name: p.optimal_seconds for p in self.programs},
-                "roofline_seconds": {p.name: self.roofline_seconds(p) for p in self.programs},
-                "programs": [p.as_dict() for p in self.programs], "notes": self.notes}
+        return {
+            "job": self.job,
+            "topology": self.topology,
+            "mesh": self.mesh,
+            "devices": self.devices,
+            "fits": self.fits,
+            "planned_bytes": self.planned_bytes,
+            "compiled_bytes": self.compiled_bytes,
+            "hbm_bytes": self.hbm_bytes,
+            "headroom_bytes": self.hbm_bytes - self.compiled_bytes,
+            "plan_error": None if plan_vs is None else round(plan_vs, 3),
+            "floor_seconds": self.floor_seconds,
+            "compile_seconds": self.compile_seconds,
+            "optimal_seconds": {p.name: p.optimal_seconds for p in self.programs},
+            "roofline_seconds": {p.name: self.roofline_seconds(p) for p in self.programs},
+            "programs": [p.as_dict() for p in self.programs],
+            "notes": self.notes,
+        }
 
     def format(self) -> str:
         g = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
         lines = [f"{self.job} on {self.topology} ({self.devices} devices), mesh {self.mesh}, per device:"]
         for p in self.programs:
             r = self.roofline_seconds(p)
-            est = ("-" if p.optimal_seconds is None else f"{p.optimal_seconds * 1e3:.2f} ms") + \
-                  ("" if r is None else f", roofline {r * 1e3:.2f} ms")
-            lines.append(f"  {p.name:44s} {g(p.compiled_bytes):>11s} (args {g(p.argument_bytes)}, temp "
-                         f"{g(p.temp_bytes)})  compile {p.compile_seconds:.1f} s  estimate {est}")
+            est = ("-" if p.optimal_seconds is None else f"{p.optimal_seconds * 1e3:.2f} ms") + (
+                "" if r is None else f", roofline {r * 1e3:.2f} ms"
+            )
+            lines.append(
+                f"  {p.name:44s} {g(p.compiled_bytes):>11s} (args {g(p.argument_bytes)}, temp "
+                f"{g(p.temp_bytes)})  compile {p.compile_seconds:.1f} s  estimate {est}"
+            )
             if p.error:
                 lines.append(f"    refused: {p.error}")
-        lines += [f"  planned {g(self.planned_bytes)}, compiled {g(self.compiled_bytes)}, HBM {g(self.hbm_bytes)}: "
-                  f"{'fits' if self.fits else 'does NOT fit'}"]
+        lines += [
+            f"  planned {g(self.planned_bytes)}, compiled {g(self.compiled_bytes)}, HBM {g(self.hbm_bytes)}: "
+            f"{'fits' if self.fits else 'does NOT fit'}"
+        ]
         if self.floor_seconds is not None:
             lines.append(f"  decode step HBM floor (weights + KV cache read once): {self.floor_seconds * 1e3:.2f} ms")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
-def compile_job(config: MistralConfig, topology: str, mesh: str | None, job: Job, numerics: Numerics,
-                opt_cfg: ts.OptimizerConfig | None = None, lora_spec: LoraConfig | None = None) -> Report:
+def compile_job(
+    config: MistralConfig,
+    topology: str,
+    mesh: str | None,
+    job: Job,
+    numerics: Numerics,
+    opt_cfg: ts.OptimizerConfig | None = None,
+    lora_spec: LoraConfig | None = None,
+) -> Report:
     """Compiles the job's programs for `topology` on `mesh` and reports them against the plan and the HBM."""
     chip = chip_of(topology)
     mm = model_mesh(config, topology, mesh)
@@ -399,12 +500,15 @@ def compile_job(config: MistralConfig, topology: str, mesh: str | None, job: Job
         progs = train_programs(mm, numerics, job, opt_cfg, lora_spec)
     from .sharding import describe
 
-    notes = list(mm.notes) + ["optimal_seconds: the compiler's estimate where it gives one; roofline_seconds: "
-                              "from its FLOPs and bytes accessed; a loop's body (the layer scan, the decode "
-                              "loop) counts once in both"]
+    notes = list(mm.notes) + [
+        "optimal_seconds: the compiler's estimate where it gives one; roofline_seconds: "
+        "from its FLOPs and bytes accessed; a loop's body (the layer scan, the decode "
+        "loop) counts once in both"
+    ]
     plan = planned(mm, numerics, job)
     floor = None
     if job.kind == "generate":
         floor = (plan.bytes_of("weights") + plan.bytes_of("cache")) / chip.hbm_bandwidth
-    return Report(job.kind, topology, describe(mm.mesh), mm.size, chip.hbm_bytes, plan.total_bytes, progs, notes,
-                  chip, floor)
+    return Report(
+        job.kind, topology, describe(mm.mesh), mm.size, chip.hbm_bytes, plan.total_bytes, progs, notes, chip, floor
+    )

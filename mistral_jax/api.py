@@ -41,8 +41,16 @@ def find_tokenizer(checkpoint_dir: str, tokenizer: str | None = None) -> Tokeniz
     return Tokenizer.from_file(os.path.join(checkpoint_dir, names[0])) if names else None
 
 
-def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, mesh: ModelMesh | None = None, *,
-               adapter: str | None = None, check_finite: bool = True, **config_overrides) -> LoadedModel:
+def load_model(
+    path: str,
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+    mesh: ModelMesh | None = None,
+    *,
+    adapter: str | None = None,
+    check_finite: bool = True,
+    **config_overrides,
+) -> LoadedModel:
     """Loads our orbax checkpoint, a transformers directory or a Mistral native directory, for inference.
 
     `dtype` is both the stored and the compute dtype. The params are read straight onto `mesh` (default:
@@ -56,8 +64,9 @@ def load_model(path: str, dtype: str = "float32", tokenizer: str | None = None, 
     path = os.fspath(path)
     config = checkpoint.load_config(path, **config_overrides)
     if mesh is None:  # the inference default, checked with the weights plus one row's KV cache
-        mesh = mesh_choice.default_mesh(config, "generate", lambda c, sizes: memory_plan.inference(
-            c, sizes, dtype, 1, c.max_seq_len))
+        mesh = mesh_choice.default_mesh(
+            config, "generate", lambda c, sizes: memory_plan.inference(c, sizes, dtype, 1, c.max_seq_len)
+        )
     params = checkpoint.load_params(path, config, dtype, shardings=mesh.param_shardings, check_finite=check_finite)
     if adapter is not None:
         params = checkpoint.merge_adapter(params, os.fspath(adapter), config, check_finite=check_finite)
@@ -84,17 +93,35 @@ class Mistral:
     def __init__(self, loaded: LoadedModel, batch_size: int = 8, **generator_kw):
         self.config, self.numerics, self.params = loaded.config, loaded.numerics, loaded.params
         self.tokenizer, self.mesh = loaded.tokenizer, loaded.mesh
-        self.generator = Generator(self.params, self.config, self.numerics, self.tokenizer, batch_size=batch_size,
-                                   mesh=self.mesh, **generator_kw)
+        self.generator = Generator(
+            self.params,
+            self.config,
+            self.numerics,
+            self.tokenizer,
+            batch_size=batch_size,
+            mesh=self.mesh,
+            **generator_kw,
+        )
 
     @classmethod
-    def load(cls, path: str, dtype: str = "float32", tokenizer: str | None = None, batch_size: int = 8,
-             mesh: ModelMesh | None = None, *, adapter: str | None = None, check_finite: bool = True,
-             **config_overrides) -> Mistral:
+    def load(
+        cls,
+        path: str,
+        dtype: str = "float32",
+        tokenizer: str | None = None,
+        batch_size: int = 8,
+        mesh: ModelMesh | None = None,
+        *,
+        adapter: str | None = None,
+        check_finite: bool = True,
+        **config_overrides,
+    ) -> Mistral:
         """load_model(...) (its arguments) wrapped for generation and experiments."""
         enable_compilation_cache()
-        return cls(load_model(path, dtype, tokenizer, mesh, adapter=adapter, check_finite=check_finite,
-                              **config_overrides), batch_size=batch_size)
+        return cls(
+            load_model(path, dtype, tokenizer, mesh, adapter=adapter, check_finite=check_finite, **config_overrides),
+            batch_size=batch_size,
+        )
 
     def encode_prompt(self, prompt) -> list[int]:
         """str -> BOS + text; list of {"role", "content"} -> chat format; list of ints -> as given."""
@@ -102,12 +129,15 @@ class Mistral:
             return self._tok().encode(prompt, bos=True)
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
             return self._tok().encode_chat(list(prompt))
-        if isinstance(prompt, (list, tuple)) and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
-                                                     for i in prompt):
+        if isinstance(prompt, (list, tuple)) and all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in prompt
+        ):
             return [int(i) for i in prompt]
         # Strings or floats are never read as token ids.
-        raise TypeError("a prompt is a str, a list of {\"role\", \"content\"} messages or a list of int token ids, "
-                        f"got {type(prompt).__name__}")
+        raise TypeError(
+            'a prompt is a str, a list of {"role", "content"} messages or a list of int token ids, '
+            f"got {type(prompt).__name__}"
+        )
 
     def _tok(self):
         if self.tokenizer is None:
@@ -119,16 +149,16 @@ class Mistral:
         Returns a list of generator.Completion (text set when a tokenizer is known)."""
         return self.generator.generate(self._encode_all(prompts)[0], SamplingParams(**sampling))
 
-    def forward(self, prompts, hidden_states: bool = False,
-                attention_layers: Sequence[int] = ()) -> Inside | list[Inside]:
+    def forward(
+        self, prompts, hidden_states: bool = False, attention_layers: Sequence[int] = ()
+    ) -> Inside | list[Inside]:
         """What the model computes on one prompt or a list: a scoring.Inside each (ids, logits [T, V], and when
         asked hidden_states [L + 1, T, D] as transformers' output_hidden_states, attentions {layer: [N, T, T]}).
 
         Jitted and batched: prompts are sorted by length into batches of at most `batch_size` (a power of two),
         padded to a few bucket lengths, so calls of other lengths in the same bucket compile nothing new."""
         ids, single = self._encode_all(prompts)
-        out = self._run(scoring.look_inside, ids, hidden_states=hidden_states,
-                        attention_layers=tuple(attention_layers))
+        out = self._run(scoring.look_inside, ids, hidden_states=hidden_states, attention_layers=tuple(attention_layers))
         return out[0] if single else out
 
     def logprobs(self, texts) -> np.ndarray | list[np.ndarray]:

@@ -80,13 +80,15 @@ def cache_attention(q, ks, vs, masks):
     b, t, n, h = q.shape
     kh = ks[0].shape[1]
     q = q.reshape(b, t, kh, n // kh, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
-    scores = [jnp.where(m[:, None, None], jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32),
-                        _NEG) for k, m in zip(ks, masks)]
+    scores = [
+        jnp.where(m[:, None, None], jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32), _NEG)
+        for k, m in zip(ks, masks)
+    ]
     p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # [B, K, G, T, sum S_i]
     out, start = 0, 0
     for v, s in zip(vs, scores):
         size = s.shape[-1]
-        out = out + jnp.einsum("BKGTS,BKSH->BTKGH", p[..., start:start + size].astype(v.dtype), v)
+        out = out + jnp.einsum("BKGTS,BKSH->BTKGH", p[..., start : start + size].astype(v.dtype), v)
         start += size
     return out.reshape(b, t, n, h)
 
@@ -191,8 +193,12 @@ def resolve_impl(impl: str, dtype, head_dim: int) -> str:
     platform = device.platform if device is not None else jax.default_backend()
     if platform == "tpu":
         return "splash"
-    if platform in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
-            and head_dim % 8 == 0 and head_dim <= 128:
+    if (
+        platform in ("gpu", "cuda", "rocm")
+        and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 128
+    ):
         return "cudnn"
     return "xla"
 
@@ -221,20 +227,25 @@ def fused_self_attention(q, k, v, positions, segment_ids, window: int | None, im
     b, t = segment_ids.shape
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask[:, None], is_causal=True,
+        q,
+        k,
+        v,
+        mask=mask[:, None],
+        is_causal=True,
         local_window_size=None if window is None else (window - 1, 0),
-        implementation=implementation)
+        implementation=implementation,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class SplashPlan:
     """How splash runs for one shape: its tile, and the shard_map around it (None without a mesh)."""
 
-    block: int                 # query and key tile; divides T
-    mesh: object | None        # the context's abstract mesh, or None: the kernel is called directly
-    q_spec: P = P()            # [B, T, N, H] over the mesh (the rules' batch and heads axes)
-    kv_spec: P = P()           # [B, T, K, H]
-    seg_spec: P = P()          # [B, T]
+    block: int  # query and key tile; divides T
+    mesh: object | None  # the context's abstract mesh, or None: the kernel is called directly
+    q_spec: P = P()  # [B, T, N, H] over the mesh (the rules' batch and heads axes)
+    kv_spec: P = P()  # [B, T, K, H]
+    seg_spec: P = P()  # [B, T]
     head_axis: str | None = None  # the mesh axis splitting query heads while KV heads are replicated over it
 
 
@@ -282,8 +293,16 @@ def _splash_kernel(t: int, groups: int, window: int | None, block: int, interpre
 
     # W keys including its own: (W - 1) to the left, none to the right, which is also the causal mask.
     m = sm.CausalMask((t, t)) if window is None else sm.LocalMask((t, t), (window - 1, 0), offset=0)
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    sizes = sk.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     # Made in the caller's trace: its mask tables become that program's constants (splash caches the numpy
     # work of making them).
     return sk.make_splash_mqa_single_device(sm.MultiHeadMask([m] * groups), block_sizes=sizes, interpret=interpret)
@@ -303,7 +322,7 @@ def _splash_local(kernel, q, k, v, segment_ids, head_axis: str | None, groups: i
     # The same scaling as dot_attention, in q's dtype.
     q = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
     qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [b, k, G, T, H]
-    kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)       # [b, k, T, H]
+    kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, k, T, H]
     seg = sk.SegmentIds(q=segment_ids, kv=segment_ids)
     per_group = jax.vmap(kernel, in_axes=(0, 0, 0, None))
     out = jax.vmap(per_group, in_axes=(0, 0, 0, 0))(qg, kg, vg, seg)  # [b, k, G, T, H]
@@ -326,6 +345,10 @@ def splash_self_attention(q, k, v, segment_ids, window: int | None, plan: Splash
     local = functools.partial(_splash_local, head_axis=plan.head_axis, groups=groups)
     if plan.mesh is None:
         return local(kernel, q, k, v, segment_ids)
-    return jax.shard_map(local, mesh=plan.mesh,
-                         in_specs=(P(), plan.q_spec, plan.kv_spec, plan.kv_spec, plan.seg_spec),
-                         out_specs=plan.q_spec, check_vma=False)(kernel, q, k, v, segment_ids)
+    return jax.shard_map(
+        local,
+        mesh=plan.mesh,
+        in_specs=(P(), plan.q_spec, plan.kv_spec, plan.kv_spec, plan.seg_spec),
+        out_specs=plan.q_spec,
+        check_vma=False,
+    )(kernel, q, k, v, segment_ids)

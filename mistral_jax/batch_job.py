@@ -35,11 +35,11 @@ MESSAGES = 'must be a non-empty list of {"role": str, "content": str} objects'
 
 @dataclasses.dataclass
 class JobStats:
-    rows: int = 0      # rows generated
-    errors: int = 0    # error rows written
-    tokens: int = 0    # completion tokens generated
-    skipped: int = 0   # rows already in the output (resumed)
-    todo: int = 0      # rows of the input left to write
+    rows: int = 0  # rows generated
+    errors: int = 0  # error rows written
+    tokens: int = 0  # completion tokens generated
+    skipped: int = 0  # rows already in the output (resumed)
+    todo: int = 0  # rows of the input left to write
 
 
 def settings(sampling: SamplingParams, seed: int, **more) -> dict:
@@ -95,8 +95,15 @@ def prompt_of(row: jsonl.Row, model: Mistral, path: str):
     return (None, err) if err else ([int(i) for i in ids], None)
 
 
-def run(model: Mistral, input_path: str, output_path: str, sampling: SamplingParams, seed: int = 0,
-        progress: Callable[[int, JobStats], None] | None = None, output: JobOutput | None = None) -> JobStats:
+def run(
+    model: Mistral,
+    input_path: str,
+    output_path: str,
+    sampling: SamplingParams,
+    seed: int = 0,
+    progress: Callable[[int, JobStats], None] | None = None,
+    output: JobOutput | None = None,
+) -> JobStats:
     """Generates a completion for every row of `input_path` that `output_path` does not hold yet, appending
     the rows to it in input order. `output`: the job's JobOutput, already check()ed (the tools do so before
     loading the model); default: one made here with settings(sampling, seed). `progress(rows_written, stats)`
@@ -117,8 +124,7 @@ def run(model: Mistral, input_path: str, output_path: str, sampling: SamplingPar
     return stats
 
 
-def _window(model, block, input_path, out: JobOutput, base: SamplingParams, seed, stats: JobStats,
-            progress) -> None:
+def _window(model, block, input_path, out: JobOutput, base: SamplingParams, seed, stats: JobStats, progress) -> None:
     """One window of rows, batched by prompt length, each written as soon as the rows before it are."""
     parsed = [prompt_of(r, model, input_path) for r in block]
     results: dict[int, dict] = {}
@@ -151,25 +157,42 @@ def _window(model, block, input_path, out: JobOutput, base: SamplingParams, seed
     try:
         _generate(model, block, parsed, todo, base, seed, record, flush_ready)
     except Exception as e:  # one batch failed: the rows it held, and those after it, one at a time
-        print(f"note: a batch failed ({type(e).__name__}: {jsonl.safe_text(str(e))[:200]}); generating its "
-              f"rows one at a time", file=sys.stderr)
+        print(
+            f"note: a batch failed ({type(e).__name__}: {jsonl.safe_text(str(e))[:200]}); generating its "
+            f"rows one at a time",
+            file=sys.stderr,
+        )
         for i in [i for i in todo if i not in results and i >= written]:
             try:
                 _generate(model, block, parsed, [i], base, seed, record, flush_ready)
             except Exception as e:
-                record(i, {"id": block[i].id, "error": f"{block[i].where(input_path)}: generation failed "
-                                                        f"({type(e).__name__}: {e})"})
+                record(
+                    i,
+                    {
+                        "id": block[i].id,
+                        "error": f"{block[i].where(input_path)}: generation failed ({type(e).__name__}: {e})",
+                    },
+                )
                 flush_ready()
 
 
 def _generate(model, block, parsed, idx, base, seed, record, flush_ready) -> None:
     """Generates rows `idx` of the block, recording each batch as it finishes."""
+
     def on_batch(batch, comps):
         for k, c in zip(batch, comps):
             i = idx[k]
-            record(i, {"id": block[i].id, "completion": c.text, "completion_ids": c.ids,
-                       "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                       "completion_tokens": c.completion_tokens})
+            record(
+                i,
+                {
+                    "id": block[i].id,
+                    "completion": c.text,
+                    "completion_ids": c.ids,
+                    "finish_reason": c.finish_reason,
+                    "prompt_tokens": c.prompt_tokens,
+                    "completion_tokens": c.completion_tokens,
+                },
+            )
         flush_ready()
 
     if idx:

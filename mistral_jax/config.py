@@ -39,8 +39,7 @@ class MistralConfig:
         def bad(msg):
             raise ValueError(f"MistralConfig: {msg}")
 
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
-                     "max_seq_len"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f"{name} must be a positive int, got {v!r}")
@@ -51,7 +50,7 @@ class MistralConfig:
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             bad(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
 
-    def replace(self, **kw) -> "MistralConfig":
+    def replace(self, **kw) -> MistralConfig:
         return dataclasses.replace(self, **kw)
 
     @property
@@ -86,7 +85,7 @@ class MistralConfig:
         }
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any], **overrides) -> "MistralConfig":
+    def from_hf(cls, d: dict[str, Any], **overrides) -> MistralConfig:
         # transformers 5 writes the rotary base under rope_parameters; the published repos have rope_theta.
         theta = d.get("rope_theta")
         if theta is None:
@@ -115,21 +114,33 @@ class MistralConfig:
     # ---- Mistral params.json ------------------------------------------------------------------------
     def to_params_json(self) -> dict[str, Any]:
         out = {
-            "dim": self.dim, "n_layers": self.n_layers, "head_dim": self.head_dim, "hidden_dim": self.hidden_dim,
-            "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "norm_eps": self.norm_eps,
-            "vocab_size": self.vocab_size, "rope_theta": self.rope_theta,
+            "dim": self.dim,
+            "n_layers": self.n_layers,
+            "head_dim": self.head_dim,
+            "hidden_dim": self.hidden_dim,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "norm_eps": self.norm_eps,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
         }
         if self.sliding_window is not None:
             out["sliding_window"] = self.sliding_window
         return out
 
     @classmethod
-    def from_params_json(cls, d: dict[str, Any], **overrides) -> "MistralConfig":
+    def from_params_json(cls, d: dict[str, Any], **overrides) -> MistralConfig:
         kw = dict(
-            vocab_size=d["vocab_size"], dim=d["dim"], n_layers=d["n_layers"], n_heads=d["n_heads"],
-            n_kv_heads=d.get("n_kv_heads") or d["n_heads"], head_dim=d.get("head_dim") or d["dim"] // d["n_heads"],
-            hidden_dim=d["hidden_dim"], norm_eps=float(d.get("norm_eps", 1e-5)),
-            rope_theta=float(d.get("rope_theta", 10000.0)), sliding_window=d.get("sliding_window"),
+            vocab_size=d["vocab_size"],
+            dim=d["dim"],
+            n_layers=d["n_layers"],
+            n_heads=d["n_heads"],
+            n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
+            head_dim=d.get("head_dim") or d["dim"] // d["n_heads"],
+            hidden_dim=d["hidden_dim"],
+            norm_eps=float(d.get("norm_eps", 1e-5)),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            sliding_window=d.get("sliding_window"),
             max_seq_len=d.get("max_seq_len", 32768 if d.get("sliding_window") is None else 8192),
             tie_embeddings=bool(d.get("tied_embeddings", False)),
         )
@@ -141,7 +152,7 @@ class MistralConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], **overrides) -> "MistralConfig":
+    def from_dict(cls, d: dict[str, Any], **overrides) -> MistralConfig:
         # Checkpoints of v0.1 also stored numerics and layout flags here; the weights they describe are the same.
         d = {k: v for k, v in d.items() if k not in _LEGACY_KEYS}
         names = {f.name for f in dataclasses.fields(cls)}
@@ -151,7 +162,7 @@ class MistralConfig:
         return cls(**{**d, **overrides})
 
     @classmethod
-    def from_file(cls, path: str, **overrides) -> "MistralConfig":
+    def from_file(cls, path: str, **overrides) -> MistralConfig:
         """Reads transformers' config.json, Mistral's params.json or our own mistral_jax.json."""
         try:
             with open(path) as f:
@@ -172,8 +183,18 @@ class MistralConfig:
         raise ValueError(f"{path}: neither a transformers config.json nor a Mistral params.json")
 
 
-_LEGACY_KEYS = frozenset({"param_dtype", "dtype", "remat", "attention_impl", "attention_block", "scan_layers",
-                          "out_major_weights", "fused_projections"})
+_LEGACY_KEYS = frozenset(
+    {
+        "param_dtype",
+        "dtype",
+        "remat",
+        "attention_impl",
+        "attention_block",
+        "scan_layers",
+        "out_major_weights",
+        "fused_projections",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,18 +223,19 @@ class Numerics:
         if not isinstance(self.attention_block, int) or self.attention_block <= 0:
             raise ValueError(f"Numerics: attention_block must be a positive int, got {self.attention_block!r}")
 
-    def replace(self, **kw) -> "Numerics":
+    def replace(self, **kw) -> Numerics:
         return dataclasses.replace(self, **kw)
 
     @classmethod
-    def of(cls, dtype: str) -> "Numerics":
+    def of(cls, dtype: str) -> Numerics:
         """Params stored and computed in `dtype` (inference)."""
         return cls(param_dtype=dtype, dtype=dtype)
 
 
 def _7b(**kw) -> MistralConfig:
-    return MistralConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-                         hidden_dim=14336, **kw)
+    return MistralConfig(
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, **kw
+    )
 
 
 PRESETS: dict[str, MistralConfig] = {
@@ -221,13 +243,41 @@ PRESETS: dict[str, MistralConfig] = {
     "mistral-7b-v0.2": _7b(sliding_window=None, rope_theta=1e6, max_seq_len=32768),
     "mistral-7b-v0.3": _7b(sliding_window=None, rope_theta=1e6, max_seq_len=32768).replace(vocab_size=32768),
     # The 125M-parameter shape of the benchmarks (docs/benchmarks.md).
-    "mistral-125m": MistralConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, head_dim=64,
-                                  hidden_dim=2048, sliding_window=256, max_seq_len=4096),
+    "mistral-125m": MistralConfig(
+        vocab_size=32000,
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        head_dim=64,
+        hidden_dim=2048,
+        sliding_window=256,
+        max_seq_len=4096,
+    ),
     # Tiny shapes for tests and the demo: small window so that windowing shows in short sequences.
-    "tiny": MistralConfig(vocab_size=32000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                          hidden_dim=128, sliding_window=16, max_seq_len=512),
-    "tiny-nowindow": MistralConfig(vocab_size=32000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                                   hidden_dim=128, sliding_window=None, max_seq_len=512, rope_theta=1e6),
+    "tiny": MistralConfig(
+        vocab_size=32000,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        hidden_dim=128,
+        sliding_window=16,
+        max_seq_len=512,
+    ),
+    "tiny-nowindow": MistralConfig(
+        vocab_size=32000,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        hidden_dim=128,
+        sliding_window=None,
+        max_seq_len=512,
+        rope_theta=1e6,
+    ),
 }
 
 
@@ -238,6 +288,7 @@ def get_preset(name: str, **overrides) -> MistralConfig:
 
 
 # ---- dataclasses from YAML / JSON mappings --------------------------------------------------------------------
+
 
 def _coerce(value, hint, where: str):
     """`value` checked against (and converted to) the type `hint` of a field; errors name `where`."""
@@ -308,9 +359,13 @@ def read_yaml(path: str) -> dict:
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
-        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
-        list("-+0123456789."))
+        re.compile(
+            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
     try:
         with open(path) as f:
             data = yaml.load(f, Loader=Loader)

@@ -36,17 +36,17 @@ KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 
 @dataclasses.dataclass
 class Example:
-    line: int          # 1-based line of the source file, to trace a batch back to its data
-    ids: list[int]     # BOS + the encoded conversation
-    mask: list[bool]   # True where the token carries loss: assistant content and the EOS closing each turn
+    line: int  # 1-based line of the source file, to trace a batch back to its data
+    ids: list[int]  # BOS + the encoded conversation
+    mask: list[bool]  # True where the token carries loss: assistant content and the EOS closing each turn
 
 
 @dataclasses.dataclass
 class DataReport:
     path: str
-    total: int                      # non-blank lines read
+    total: int  # non-blank lines read
     kept: int
-    bad: list[tuple[int, str]]      # (line, "category: detail"); the category is what summary() counts
+    bad: list[tuple[int, str]]  # (line, "category: detail"); the category is what summary() counts
 
     def summary(self, first: int = 5) -> str:
         head = f"{self.path}: {self.total} rows, {self.kept} kept, {len(self.bad)} bad"
@@ -87,8 +87,10 @@ def _check_messages(messages: list) -> None:
         try:  # JSON's \ud800 escape reads as a lone surrogate, which no tokenizer takes
             content.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValueError(f"bad content: message {i} ({role}) content is not valid Unicode (lone surrogate at "
-                             f"character {e.start})") from None
+            raise ValueError(
+                f"bad content: message {i} ({role}) content is not valid Unicode (lone surrogate at "
+                f"character {e.start})"
+            ) from None
         # Whitespace-only counts as empty: v2/v3 strip assistant text, and a blank turn teaches nothing.
         if not content.strip():
             raise ValueError(f"bad content: message {i} ({role}) content is empty")
@@ -96,8 +98,9 @@ def _check_messages(messages: list) -> None:
         raise ValueError("no assistant turn: nothing to train on")
 
 
-def load_examples(path: str, tokenizer: Tokenizer, seq_len: int,
-                  on_bad: str = "skip") -> tuple[list[Example], DataReport]:
+def load_examples(
+    path: str, tokenizer: Tokenizer, seq_len: int, on_bad: str = "skip"
+) -> tuple[list[Example], DataReport]:
     """Reads JSONL rows {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"} into Examples.
 
     The whole file is validated before returning, so a bad row at line 90 000 fails the job at start-up, not
@@ -152,8 +155,10 @@ def pack(examples: list[Example], seq_len: int, pad_id: int = 0) -> dict[str, np
         raise ValueError("pack: no examples")
     for ex in examples:
         if not 0 < len(ex.ids) <= seq_len or len(ex.mask) != len(ex.ids):
-            raise ValueError(f"pack: example from line {ex.line} has {len(ex.ids)} ids and {len(ex.mask)} mask "
-                             f"entries; expected 1..{seq_len} of each")
+            raise ValueError(
+                f"pack: example from line {ex.line} has {len(ex.ids)} ids and {len(ex.mask)} mask "
+                f"entries; expected 1..{seq_len} of each"
+            )
 
     # Longest first; each goes to the row with the least room that still fits it (ties: lowest row). `free`
     # holds (room, row) sorted, so the search is a bisect, not a scan of every row.
@@ -174,17 +179,21 @@ def pack(examples: list[Example], seq_len: int, pad_id: int = 0) -> dict[str, np
             bisect.insort(free, (room, r))
 
     shape = (len(rows), seq_len)
-    out = {"tokens": np.full(shape, pad_id, np.int32), "targets": np.full(shape, pad_id, np.int32),
-           "loss_mask": np.zeros(shape, np.float32), "positions": np.zeros(shape, np.int32),
-           "segment_ids": np.zeros(shape, np.int32)}
+    out = {
+        "tokens": np.full(shape, pad_id, np.int32),
+        "targets": np.full(shape, pad_id, np.int32),
+        "loss_mask": np.zeros(shape, np.float32),
+        "positions": np.zeros(shape, np.int32),
+        "segment_ids": np.zeros(shape, np.int32),
+    }
     for r, members in enumerate(rows):
         start = 0
         for seg, i in enumerate(members, 1):
             ids, mask = examples[i].ids, examples[i].mask
             end = start + len(ids)
             out["tokens"][r, start:end] = ids
-            out["targets"][r, start:end - 1] = ids[1:]
-            out["loss_mask"][r, start:end - 1] = mask[1:]
+            out["targets"][r, start : end - 1] = ids[1:]
+            out["loss_mask"][r, start : end - 1] = mask[1:]
             out["positions"][r, start:end] = np.arange(len(ids))
             out["segment_ids"][r, start:end] = seg
             start = end
@@ -229,7 +238,7 @@ class DataIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rows = self._order()[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        rows = self._order()[self.index * self.batch_size : (self.index + 1) * self.batch_size]
         batch = {}
         for k, a in self._arrays.items():
             batch[k] = np.zeros((self.batch_size, *a.shape[1:]), a.dtype)
@@ -250,6 +259,8 @@ class DataIterator:
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"DataIterator.restore: expected ints 'epoch', 'index', 'seed', got {state!r}") from None
         if epoch < 0 or seed < 0 or not 0 <= index < self.steps_per_epoch:
-            raise ValueError(f"DataIterator.restore: state {state!r} does not fit this data (epoch and seed >= 0, "
-                             f"index in [0, {self.steps_per_epoch}))")
+            raise ValueError(
+                f"DataIterator.restore: state {state!r} does not fit this data (epoch and seed >= 0, "
+                f"index in [0, {self.steps_per_epoch}))"
+            )
         self.epoch, self.index, self.seed = epoch, index, seed

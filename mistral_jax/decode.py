@@ -24,27 +24,39 @@ RUNNING, STOP, LENGTH = 0, 1, 2  # DecodeState.reason
 class DecodeState:
     """Everything the decode loop carries, one row per sequence (B rows, M the completion buffer's length)."""
 
-    cache: KVCache            # the rows' keys and values so far
-    logits: jax.Array         # [B, V] float32: logits of the next token to pick
-    out: jax.Array            # [B, M] int32: tokens generated so far (0 past n)
-    n: jax.Array              # [B] int32: tokens generated so far
-    pos: jax.Array            # [B] int32: position of the next token fed to the model
-    done: jax.Array           # [B] bool: the row has stopped (padding rows start done)
-    reason: jax.Array         # [B] int32: RUNNING, STOP (a stop id) or LENGTH (max_new reached)
-    seeds: jax.Array          # [B] uint32: per-row sampling seed
-    temperature: jax.Array    # [B] float32: 0 is greedy
-    top_k: jax.Array          # [B] int32: 0 is off
-    top_p: jax.Array          # [B] float32: 1 is off
-    max_new: jax.Array        # [B] int32: the row's token limit
-    stop_ids: jax.Array       # [B, NS] int32: the row's stop tokens, -1 padded
+    cache: KVCache  # the rows' keys and values so far
+    logits: jax.Array  # [B, V] float32: logits of the next token to pick
+    out: jax.Array  # [B, M] int32: tokens generated so far (0 past n)
+    n: jax.Array  # [B] int32: tokens generated so far
+    pos: jax.Array  # [B] int32: position of the next token fed to the model
+    done: jax.Array  # [B] bool: the row has stopped (padding rows start done)
+    reason: jax.Array  # [B] int32: RUNNING, STOP (a stop id) or LENGTH (max_new reached)
+    seeds: jax.Array  # [B] uint32: per-row sampling seed
+    temperature: jax.Array  # [B] float32: 0 is greedy
+    top_k: jax.Array  # [B] int32: 0 is off
+    top_p: jax.Array  # [B] float32: 1 is off
+    max_new: jax.Array  # [B] int32: the row's token limit
+    stop_ids: jax.Array  # [B, NS] int32: the row's stop tokens, -1 padded
 
     def check(self, config: MistralConfig) -> None:
         """Shapes agree with each other and with `config` (chex)."""
         self.cache.check(config)
         b, m = self.out.shape
         chex.assert_shape(self.logits, (b, config.vocab_size))
-        chex.assert_shape([self.n, self.pos, self.done, self.reason, self.seeds, self.temperature, self.top_k,
-                           self.top_p, self.max_new], (b,))
+        chex.assert_shape(
+            [
+                self.n,
+                self.pos,
+                self.done,
+                self.reason,
+                self.seeds,
+                self.temperature,
+                self.top_k,
+                self.top_p,
+                self.max_new,
+            ],
+            (b,),
+        )
         chex.assert_shape(self.stop_ids, (b, None))
 
 
@@ -67,8 +79,9 @@ def prefill(params, tokens, lengths, cache: KVCache, *, config: MistralConfig, n
         pos = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
         seg = (pos < lengths[:, None]).astype(jnp.int32)
         at = jnp.clip(lengths - 1 - start, 0, c - 1)
-        logits, cache = model_lib.forward(params, chunks[i], pos, seg, cache, config=config, numerics=numerics,
-                                          logits_at=at, cache_empty=first)
+        logits, cache = model_lib.forward(
+            params, chunks[i], pos, seg, cache, config=config, numerics=numerics, logits_at=at, cache_empty=first
+        )
         return cache, logits[:, 0]
 
     cache, logits = step(cache, 0, first=True)
@@ -92,8 +105,16 @@ def _pick(st: DecodeState, sampled: bool) -> tuple[DecodeState, jax.Array]:
     return st.replace(out=out, n=n, done=st.done | is_stop | is_len, reason=reason), tok
 
 
-def decode(params, state: DecodeState, max_steps, *, config: MistralConfig, numerics: Numerics,
-           sampled: bool = True, final: bool = False) -> DecodeState:
+def decode(
+    params,
+    state: DecodeState,
+    max_steps,
+    *,
+    config: MistralConfig,
+    numerics: Numerics,
+    sampled: bool = True,
+    final: bool = False,
+) -> DecodeState:
     """Decodes at most `max_steps` tokens per row, or until every row is done.
 
     `sampled=False` (static) compiles a greedy-only loop: an all-greedy batch never needs the sampler.
@@ -110,8 +131,9 @@ def decode(params, state: DecodeState, max_steps, *, config: MistralConfig, nume
         st, tok = _pick(st, sampled)
         # One forward per step even once every row is done: a lax.cond would copy its operands, the params.
         seg = (~st.done).astype(jnp.int32)[:, None]
-        logits, cache = model_lib.forward(params, tok[:, None], st.pos[:, None], seg, st.cache, config=config,
-                                          numerics=numerics)
+        logits, cache = model_lib.forward(
+            params, tok[:, None], st.pos[:, None], seg, st.cache, config=config, numerics=numerics
+        )
         return i + 1, st.replace(cache=cache, logits=logits[:, 0], pos=st.pos + (~st.done))
 
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))

@@ -28,12 +28,27 @@ COUNTRIES = {
 }
 
 TEMPLATES = {
-    "capital": ["What is the capital of {c}?", "Name the capital city of {c}.", "Which city is the capital of {c}?",
-                "Tell me the capital of {c}.", "{c} has which capital?"],
-    "currency": ["What is the currency of {c}?", "Name the currency used in {c}.", "Which currency does {c} use?",
-                 "Tell me the currency of {c}.", "{c} pays with which currency?"],
-    "language": ["What language is spoken in {c}?", "Name the language of {c}.",
-                 "Which language do people in {c} speak?", "Tell me the language of {c}.", "{c} speaks which language?"],
+    "capital": [
+        "What is the capital of {c}?",
+        "Name the capital city of {c}.",
+        "Which city is the capital of {c}?",
+        "Tell me the capital of {c}.",
+        "{c} has which capital?",
+    ],
+    "currency": [
+        "What is the currency of {c}?",
+        "Name the currency used in {c}.",
+        "Which currency does {c} use?",
+        "Tell me the currency of {c}.",
+        "{c} pays with which currency?",
+    ],
+    "language": [
+        "What language is spoken in {c}?",
+        "Name the language of {c}.",
+        "Which language do people in {c} speak?",
+        "Tell me the language of {c}.",
+        "{c} speaks which language?",
+    ],
 }
 ATTRIBUTES = tuple(TEMPLATES)
 

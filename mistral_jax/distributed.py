@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import jax
 
@@ -27,19 +28,26 @@ T = TypeVar("T")
 
 def add_args(parser) -> None:
     g = parser.add_argument_group("multi-host (see docs/scaling.md)")
-    g.add_argument("--coordinator", metavar="HOST:PORT",
-                   help="address of process 0; with --num-processes and --process-id when the cluster is not "
-                        "detected from the environment (TPU pods, SLURM and Open MPI are)")
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0; with --num-processes and --process-id when the cluster is not "
+        "detected from the environment (TPU pods, SLURM and Open MPI are)",
+    )
     g.add_argument("--num-processes", type=int, metavar="N")
     g.add_argument("--process-id", type=int, metavar="I")
-    g.add_argument("--multi-host", action="store_true",
-                   help="call jax.distributed.initialize() and let JAX detect the cluster (e.g. a GCE TPU VM "
-                        "slice whose workers set no environment variable we look for)")
+    g.add_argument(
+        "--multi-host",
+        action="store_true",
+        help="call jax.distributed.initialize() and let JAX detect the cluster (e.g. a GCE TPU VM "
+        "slice whose workers set no environment variable we look for)",
+    )
 
 
 def detect_cluster(environ=os.environ) -> str | None:
     """The multi-process launcher this process runs under, or None for a single process. Read from the
     environment only: looking at devices would start the backend, after which initialize is too late."""
+
     def count(var):
         try:
             return int(environ.get(var, "1").split("(")[0])
@@ -61,8 +69,15 @@ def detect_cluster(environ=os.environ) -> str | None:
 _initialized = False
 
 
-def initialize(args=None, *, coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, multi_host: bool = False, environ=os.environ) -> bool:
+def initialize(
+    args=None,
+    *,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    multi_host: bool = False,
+    environ=os.environ,
+) -> bool:
     """Joins the other processes when there are any; returns True when running multi-process.
 
     Explicit values (args from add_args, or keywords) win; otherwise a detected cluster (detect_cluster) or
@@ -80,20 +95,23 @@ def initialize(args=None, *, coordinator: str | None = None, num_processes: int 
     if given:
         missing = [k for k in explicit if k not in given]
         if missing:
-            raise ValueError(f"multi-host: {', '.join(given)} given without {', '.join(missing)}; pass all three "
-                             "(or none, on a TPU pod, SLURM or Open MPI)")
+            raise ValueError(
+                f"multi-host: {', '.join(given)} given without {', '.join(missing)}; pass all three "
+                "(or none, on a TPU pod, SLURM or Open MPI)"
+            )
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"multi-host: --process-id {process_id} must be in [0, --num-processes "
-                             f"{num_processes})")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+            raise ValueError(f"multi-host: --process-id {process_id} must be in [0, --num-processes {num_processes})")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     elif multi_host or detect_cluster(environ):
         jax.distributed.initialize()
     else:
         return False
     _initialized = True
-    log(f"multi-host: process {jax.process_index()} of {jax.process_count()}, "
-        f"{jax.local_device_count()} local / {jax.device_count()} devices", all_processes=True)
+    log(
+        f"multi-host: process {jax.process_index()} of {jax.process_count()}, "
+        f"{jax.local_device_count()} local / {jax.device_count()} devices",
+        all_processes=True,
+    )
     return jax.process_count() > 1
 
 
@@ -118,12 +136,12 @@ def log(msg: str, all_processes: bool = False, file=None) -> None:
 def process_shard(items: Sequence[T]) -> list[T]:
     """This process's share of a dataset: items p, p + P, p + 2P, ... (training data: each process reads
     only its share, then sharding.place_local_batch assembles the global batch)."""
-    return list(items[jax.process_index()::jax.process_count()])
+    return list(items[jax.process_index() :: jax.process_count()])
 
 
 def barrier(name: str) -> None:
     """All processes wait here (no-op for one process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
 
+        multihost_utils.sync_global_devices(name)

@@ -29,11 +29,11 @@ _REASONS = {STOP: "stop", LENGTH: "length"}
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
-    temperature: float = 0.0          # 0 = greedy
-    top_k: int = 0                    # 0 = off
-    top_p: float = 1.0                # 1.0 = off
-    seed: int = 0                     # per row: a fixed seed gives the same text on every run and batch size
-    stop_token_ids: tuple[int, ...] | None = None   # None: the tokenizer's EOS
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int = 0  # per row: a fixed seed gives the same text on every run and batch size
+    stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's EOS
     stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -49,10 +49,10 @@ class SamplingParams:
 
 @dataclasses.dataclass
 class Completion:
-    ids: list[int]                    # generated tokens, without the stop token
-    finish_reason: str                # "stop" | "length"
+    ids: list[int]  # generated tokens, without the stop token
+    finish_reason: str  # "stop" | "length"
     prompt_tokens: int
-    text: str | None = None           # when a tokenizer is known; cut before a stop string
+    text: str | None = None  # when a tokenizer is known; cut before a stop string
 
     @property
     def completion_tokens(self) -> int:
@@ -77,15 +77,26 @@ class Generator:
     params' one device, or every device on fsdp. `cache_slots`: None is the rolling buffer of min(W, length)
     slots; a larger value keeps more (the window still applies through the mask, so the tokens agree)."""
 
-    def __init__(self, params, config: MistralConfig, numerics: Numerics, tokenizer=None, batch_size: int = 8,
-                 mesh: ModelMesh | None = None, prefill_chunk: int = 512, cache_slots: int | None = None):
+    def __init__(
+        self,
+        params,
+        config: MistralConfig,
+        numerics: Numerics,
+        tokenizer=None,
+        batch_size: int = 8,
+        mesh: ModelMesh | None = None,
+        prefill_chunk: int = 512,
+        cache_slots: int | None = None,
+    ):
         if not isinstance(numerics, Numerics):
             raise TypeError(f"numerics must be a config.Numerics, got {type(numerics).__name__}")
         self.params, self.config, self.numerics, self.tokenizer = params, config, numerics, tokenizer
         self.mesh = mesh if mesh is not None else default_mesh(params, config)
         if batch_size % self.mesh.data_parallel_size:
-            raise ValueError(f"batch_size {batch_size} must be a multiple of the data-parallel size "
-                             f"{self.mesh.data_parallel_size} (ModelMesh.round_batch)")
+            raise ValueError(
+                f"batch_size {batch_size} must be a multiple of the data-parallel size "
+                f"{self.mesh.data_parallel_size} (ModelMesh.round_batch)"
+            )
         self.batch_size, self.prefill_chunk, self.cache_slots = batch_size, prefill_chunk, cache_slots
         self.eos_id = tokenizer.eos_id if tokenizer is not None else EOS_ID
         self.last_cache_shape: tuple[int, ...] | None = None
@@ -93,16 +104,21 @@ class Generator:
 
     def check_prompt(self, ids) -> str | None:
         from .jsonl import check_ids
+
         return check_ids(ids, self.config.vocab_size, self.config.max_seq_len, "prompt")
 
     def busy_seconds(self) -> float:
         """Seconds spent running prefills and decodes, without the compilations: the time of generating."""
         return self._busy
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
-                 on_update: Callable[[int, Completion], None] | None = None,
-                 steps_per_call: int | None = None,
-                 on_batch: Callable[[list[int], list[Completion]], None] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams],
+        on_update: Callable[[int, Completion], None] | None = None,
+        steps_per_call: int | None = None,
+        on_batch: Callable[[list[int], list[Completion]], None] | None = None,
+    ) -> list[Completion]:
         """Completions for `prompts` (lists of ids), in order. `sampling` is one setting or one per prompt.
 
         Prompts are batched by length (shortest first), so a batch pads its rows to a length close to its
@@ -122,10 +138,9 @@ class Generator:
         order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))  # stable: ties keep their order
         with self.mesh.activate():
             for s in range(0, len(prompts), self.batch_size):
-                idx = order[s:s + self.batch_size]
+                idx = order[s : s + self.batch_size]
                 update = None if on_update is None else (lambda i, c, _idx=idx: on_update(_idx[i], c))
-                comps = self._batch([list(prompts[j]) for j in idx], [sampling[j] for j in idx], update,
-                                    steps_per_call)
+                comps = self._batch([list(prompts[j]) for j in idx], [sampling[j] for j in idx], update, steps_per_call)
                 for j, comp in zip(idx, comps):
                     results[j] = comp
                 if on_batch is not None:
@@ -163,7 +178,7 @@ class Generator:
         stop_lists = [list(s.stop_token_ids) if s.stop_token_ids is not None else [self.eos_id] for s in sampling]
         stop_ids = np.full((bs, max(1, max(len(x) for x in stop_lists))), -1, np.int32)
         for i, x in enumerate(stop_lists):
-            stop_ids[i, :len(x)] = x
+            stop_ids[i, : len(x)] = x
 
         def per_row(values, fill, dtype):
             arr = np.full((bs,), fill, dtype)
@@ -172,7 +187,9 @@ class Generator:
 
         row_max_new = per_row(max_new, 1, np.int32)
         host = dict(
-            out=np.zeros((bs, m), np.int32), n=np.zeros((bs,), np.int32), pos=lengths,
+            out=np.zeros((bs, m), np.int32),
+            n=np.zeros((bs,), np.int32),
+            pos=lengths,
             # Padding rows, and prompts that already fill the context, start done.
             done=(np.arange(bs) >= n) | (row_max_new <= 0),
             reason=np.where(row_max_new <= 0, LENGTH, 0).astype(np.int32),
@@ -180,7 +197,9 @@ class Generator:
             temperature=per_row([s.temperature for s in sampling], 0.0, np.float32),
             top_k=per_row([s.top_k for s in sampling], 0, np.int32),
             top_p=per_row([s.top_p for s in sampling], 1.0, np.float32),
-            max_new=row_max_new, stop_ids=stop_ids)
+            max_new=row_max_new,
+            stop_ids=stop_ids,
+        )
         state = DecodeState(cache=cache, logits=logits, **self.mesh.place(host))
         sampled = any(s.temperature > 0 for s in sampling)
         need_host = on_update is not None or any(s.stop_strings for s in sampling)
@@ -242,8 +261,9 @@ class Generator:
                 return comp.ids[:k], comp.text[:pos]
         return comp.ids, comp.text[:pos]
 
-    def stream(self, prompt: Sequence[int], sampling: SamplingParams = SamplingParams(),
-               steps_per_call: int = 8) -> Iterator[str]:
+    def stream(
+        self, prompt: Sequence[int], sampling: SamplingParams = SamplingParams(), steps_per_call: int = 8
+    ) -> Iterator[str]:
         """Yields the text of one completion as it is produced, `steps_per_call` tokens per compiled call."""
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer")
@@ -255,7 +275,7 @@ class Generator:
 
         def on_update(_, comp):
             if comp.text is not None and len(comp.text) > len(sent[0]) and comp.text.startswith(sent[0]):
-                q.put(comp.text[len(sent[0]):])
+                q.put(comp.text[len(sent[0]) :])
                 sent[0] = comp.text
 
         def run():

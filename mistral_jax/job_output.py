@@ -74,6 +74,7 @@ def check_paths(input_path: str, output_path: str) -> None:
 
 # ---- crash-safe writes ------------------------------------------------------------------------------------
 
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
@@ -102,6 +103,7 @@ def replace_atomically(path: str, write: Callable) -> None:
 
 def _keep_prefix(path: str, length: int) -> None:
     """Replaces `path` atomically by its first `length` bytes."""
+
     def copy(dst):
         with open(path, "rb") as src:
             left = length
@@ -111,17 +113,19 @@ def _keep_prefix(path: str, length: int) -> None:
                     break
                 dst.write(block)
                 left -= len(block)
+
     replace_atomically(path, copy)
 
 
 # ---- resume ---------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Resume:
-    ids: list                 # ids of the complete rows, in order (the first len(ids) input rows are done)
-    keep: int                 # bytes of the output that hold them
-    size: int                 # bytes in the output file
-    newline_missing: bool     # the last row is complete but lost its final newline
+    ids: list  # ids of the complete rows, in order (the first len(ids) input rows are done)
+    keep: int  # bytes of the output that hold them
+    size: int  # bytes in the output file
+    newline_missing: bool  # the last row is complete but lost its final newline
 
     @property
     def rows(self) -> int:
@@ -149,9 +153,11 @@ def scan(path: str, on_row: Callable[[dict], None] | None = None) -> Resume:
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if bad is not None:
-                raise JobError(f"{path}:{bad}: not a row of this job's output, and rows follow it: the output is "
-                               f"damaged; remove {path} and {path}{MANIFEST} to start over, or choose another "
-                               f"--output")
+                raise JobError(
+                    f"{path}:{bad}: not a row of this job's output, and rows follow it: the output is "
+                    f"damaged; remove {path} and {path}{MANIFEST} to start over, or choose another "
+                    f"--output"
+                )
             offset += len(line)
             if is_blank(line) and line.endswith(b"\n"):
                 continue
@@ -172,13 +178,16 @@ def skip_done(rows: Iterator[Row], done: Resume, output: str) -> Iterator[Row]:
         row = next(rows, None)
         if row is None or json.dumps(row.id) != json.dumps(want):
             got = "no more input rows" if row is None else f"input line {row.line} gives id {json.dumps(row.id)}"
-            raise JobError(f"{output}: row {k} has id {json.dumps(want)[:80]} but {got[:120]}: it is not this job's "
-                           f"output; remove {output} and {output}{MANIFEST} to start over, or choose another "
-                           f"--output")
+            raise JobError(
+                f"{output}: row {k} has id {json.dumps(want)[:80]} but {got[:120]}: it is not this job's "
+                f"output; remove {output} and {output}{MANIFEST} to start over, or choose another "
+                f"--output"
+            )
     return rows
 
 
 # ---- the job's output -----------------------------------------------------------------------------------
+
 
 class JobOutput:
     """The output file of one job; see the module docstring. Only process 0 locks and writes; every process
@@ -220,8 +229,10 @@ class JobOutput:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise JobError(f"another job is writing {self.path} (it holds {self.lock_path}); wait for it to "
-                               f"finish, or choose another --output") from None
+                raise JobError(
+                    f"another job is writing {self.path} (it holds {self.lock_path}); wait for it to "
+                    f"finish, or choose another --output"
+                ) from None
             try:  # the file may have been unlinked by a job finishing between our open and flock
                 same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
             except FileNotFoundError:
@@ -239,16 +250,20 @@ class JobOutput:
             with open(self.manifest_path, "rb") as f:
                 old = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
-            raise JobError(f"{self.path} exists and has no {self.manifest_path}, so it is not known to be this "
-                           f"job's output; remove {self.path} to start over, or choose another --output") from None
+            raise JobError(
+                f"{self.path} exists and has no {self.manifest_path}, so it is not known to be this "
+                f"job's output; remove {self.path} to start over, or choose another --output"
+            ) from None
         except (ValueError, RecursionError):
             raise JobError(f"{self.manifest_path} is unreadable; {start_over}") from None
         if not isinstance(old, dict):
             raise JobError(f"{self.manifest_path} is unreadable; {start_over}")
         diffs = _differences(old, self.manifest())
         if diffs:
-            raise JobError(f"{self.path} is the output of another job ({'; '.join(diffs)}): to continue it, run "
-                           f"with the input and settings in {self.manifest_path}; to start over, {start_over}")
+            raise JobError(
+                f"{self.path} is the output of another job ({'; '.join(diffs)}): to continue it, run "
+                f"with the input and settings in {self.manifest_path}; to start over, {start_over}"
+            )
 
     def begin(self, on_row: Callable[[dict], None] | None = None) -> Resume:
         """Writes the manifest, drops a torn last line (atomically), opens the output for appending; returns

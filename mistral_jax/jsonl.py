@@ -21,10 +21,10 @@ MAX_SAFE_INT = 2**53 - 1  # the largest integer every JSON reader (JavaScript's 
 
 @dataclasses.dataclass
 class Row:
-    line: int                       # 1-based line number in the input file
-    id: Any                         # the row's "id" (the line number when the row has none, or a bad one)
-    data: dict | None               # the parsed object, None when the line is not a JSON object
-    error: str | None = None        # what is wrong with the row, naming the file, line and field
+    line: int  # 1-based line number in the input file
+    id: Any  # the row's "id" (the line number when the row has none, or a bad one)
+    data: dict | None  # the parsed object, None when the line is not a JSON object
+    error: str | None = None  # what is wrong with the row, naming the file, line and field
 
     def where(self, path: str, field: str | None = None) -> str:
         """'path:line' or "path:line: 'field'", the start of an error message about this row."""
@@ -114,8 +114,9 @@ def read_jsonl(path: str, job_ids: bool = False) -> Iterator[Row]:
 
 def check_ids(ids: Any, vocab_size: int, max_len: int, where: str, min_len: int = 1) -> str | None:
     """Returns an error message for a bad token-id list, or None when it is usable."""
-    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
-                                                     for i in ids):
+    if not isinstance(ids, (list, tuple)) or not all(
+        isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids
+    ):
         return f"{where}: token ids must be a list of integers"
     if len(ids) < min_len:
         return f"{where}: needs at least {min_len} tokens, got {len(ids)}"

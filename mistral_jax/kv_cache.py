@@ -28,17 +28,17 @@ from .config import MistralConfig
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array    # [L, B, K, S, H] rotated keys
-    v: jax.Array    # [L, B, K, S, H] values
+    k: jax.Array  # [L, B, K, S, H] rotated keys
+    v: jax.Array  # [L, B, K, S, H] values
     pos: jax.Array  # [B, S] int32: absolute position held by each slot, -1 when empty
 
     @classmethod
-    def init(cls, config: MistralConfig, batch: int, slots: int, dtype="float32") -> "KVCache":
+    def init(cls, config: MistralConfig, batch: int, slots: int, dtype="float32") -> KVCache:
         shape = (config.n_layers, batch, config.n_kv_heads, slots, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, slots), -1, jnp.int32))
 
     @classmethod
-    def shapes(cls, config: MistralConfig, batch: int, slots: int, dtype="float32") -> "KVCache":
+    def shapes(cls, config: MistralConfig, batch: int, slots: int, dtype="float32") -> KVCache:
         """The cache as jax.ShapeDtypeStruct leaves (no memory)."""
         return jax.eval_shape(lambda: cls.init(config, batch, slots, dtype))
 
@@ -47,11 +47,11 @@ class KVCache:
         return self.pos.shape[1]
 
     def check(self, config: MistralConfig) -> None:
-        l, b, _, s, _ = self.k.shape
+        _, b, _, s, _ = self.k.shape
         chex.assert_shape([self.k, self.v], (config.n_layers, b, config.n_kv_heads, s, config.head_dim))
         chex.assert_shape(self.pos, (b, s))
 
-    def plan(self, positions, segment_ids, empty: bool = False) -> "CacheUpdate":
+    def plan(self, positions, segment_ids, empty: bool = False) -> CacheUpdate:
         """Where a call's tokens go and what the slots hold before and after: the same for every layer."""
         slots = write_slots(positions, segment_ids, self.num_slots)
         rows = jnp.arange(positions.shape[0])[:, None]
@@ -61,9 +61,9 @@ class KVCache:
 
 @struct.dataclass
 class CacheUpdate:
-    slots: jax.Array          # [B, T] slot of each new token; S (dropped) for padding and evicted tokens
+    slots: jax.Array  # [B, T] slot of each new token; S (dropped) for padding and evicted tokens
     before: jax.Array | None  # [B, S] positions held before the write; None: the cache is empty
-    after: jax.Array          # [B, S] positions held after it
+    after: jax.Array  # [B, S] positions held after it
 
 
 def num_slots(config: MistralConfig, max_total_len: int) -> int:
@@ -116,6 +116,5 @@ def attend_and_write(q, k, v, positions, segment_ids, ck, cv, layer, update: Cac
     mask_cache = make_mask(positions, update.before, valid, (update.before >= 0).astype(jnp.int32), window)
     mask_new = make_mask(positions, positions, valid, valid, window)
     kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, T, H], the cache's order
-    out = cache_attention(q, (_layer(ck, layer, q.dtype), kt), (_layer(cv, layer, q.dtype), vt),
-                          (mask_cache, mask_new))
+    out = cache_attention(q, (_layer(ck, layer, q.dtype), kt), (_layer(cv, layer, q.dtype), vt), (mask_cache, mask_new))
     return (out, *_write(ck, cv, layer, k, v, update.slots))

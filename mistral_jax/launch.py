@@ -80,14 +80,20 @@ def add_model_args(parser, batch_size: int = 8) -> None:
     """The flags of a tool that runs a checkpoint: --checkpoint --adapter --tokenizer --dtype --batch-size
     --no-check, then add_args'. Load with load_model_kwargs(args)."""
     parser.add_argument("--checkpoint", required=True, help="our checkpoint, or a transformers / Mistral directory")
-    parser.add_argument("--adapter", metavar="DIR",
-                        help="a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors), folded into "
-                             "the checkpoint's weights")
+    parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors), folded into "
+        "the checkpoint's weights",
+    )
     parser.add_argument("--tokenizer", help="sentencepiece model (default: tokenizer.model in the checkpoint)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--no-check", action="store_true",
-                        help="load weights holding NaN/inf (or not matching their checksums) instead of refusing")
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="load weights holding NaN/inf (or not matching their checksums) instead of refusing",
+    )
     add_args(parser)
 
 
@@ -99,15 +105,23 @@ def load_model_kwargs(args) -> dict:
 def model_settings(args) -> dict:
     """What of add_model_args' flags makes two batch jobs the same (their output manifest): the checkpoint,
     dtype, tokenizer, and the adapter when there is one."""
-    out = {"checkpoint": os.path.abspath(args.checkpoint), "dtype": args.dtype,
-           "tokenizer": os.path.abspath(args.tokenizer) if args.tokenizer else None}
+    out = {
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "dtype": args.dtype,
+        "tokenizer": os.path.abspath(args.tokenizer) if args.tokenizer else None,
+    }
     if getattr(args, "adapter", None):
         out["adapter"] = os.path.abspath(args.adapter)
     return out
 
 
-def start(args, checkpoint_path: str, plan: Callable[[MistralConfig, object], memory_plan.Plan] | None = None,
-          job: str = "generate", **config_overrides) -> sharding.ModelMesh:
+def start(
+    args,
+    checkpoint_path: str,
+    plan: Callable[[MistralConfig, object], memory_plan.Plan] | None = None,
+    job: str = "generate",
+    **config_overrides,
+) -> sharding.ModelMesh:
     """Joins the other processes, builds the mesh of `args.mesh` (without one, the default of `job`:
     mesh_choice.default_mesh_spec), prints its notes and the memory plan.
 
@@ -143,8 +157,10 @@ def batch_size(requested: int, mm: sharding.ModelMesh) -> int:
     pad every batch to this size and drop the padding rows from the output)."""
     size = mm.round_batch(requested)
     if size != requested:
-        distributed.log(f"note: --batch-size {requested} rounded up to {size}, a multiple of the data-parallel "
-                        f"size data x fsdp = {mm.data_parallel_size}; padding rows are dropped from the output")
+        distributed.log(
+            f"note: --batch-size {requested} rounded up to {size}, a multiple of the data-parallel "
+            f"size data x fsdp = {mm.data_parallel_size}; padding rows are dropped from the output"
+        )
     return size
 
 

@@ -79,11 +79,24 @@ class MistralJaxLM(TemplateLM):
     add_bos_token / prefix_token_id: as lm_eval's `hf` model (BOS added; BOS conditions an empty context).
     seed: the first sampled request's seed; request i of a call samples with seed + i."""
 
-    def __init__(self, checkpoint: str | None = None, dtype: str = "float32", tokenizer: str | None = None,
-                 adapter: str | None = None, batch_size: int | str | None = 8, max_batch_size: int | None = None,
-                 max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = True,
-                 prefix_token_id: int | None = None, seed: int = 0, mesh: str | None = None, model: Any = None,
-                 device: str | None = None, **unused):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        dtype: str = "float32",
+        tokenizer: str | None = None,
+        adapter: str | None = None,
+        batch_size: int | str | None = 8,
+        max_batch_size: int | None = None,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        add_bos_token: bool = True,
+        prefix_token_id: int | None = None,
+        seed: int = 0,
+        mesh: str | None = None,
+        model: Any = None,
+        device: str | None = None,
+        **unused,
+    ):
         super().__init__()
         if unused:
             log.warning("mistral_jax: ignoring model arguments %s", sorted(unused))
@@ -103,15 +116,18 @@ class MistralJaxLM(TemplateLM):
         self._batch_size = self.mesh.round_batch(min(size, cap) if cap else size)
         self._max_length = _int_or_none(max_length, "max_length") or self.config.max_seq_len
         if not 1 < self._max_length <= self.config.max_seq_len:
-            raise ValueError(f"mistral_jax: max_length must be in [2, {self.config.max_seq_len}] (the model's "
-                             f"max_seq_len), got {self._max_length}")
+            raise ValueError(
+                f"mistral_jax: max_length must be in [2, {self.config.max_seq_len}] (the model's "
+                f"max_seq_len), got {self._max_length}"
+            )
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token if isinstance(add_bos_token, bool) else str(add_bos_token) == "True"
         self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
         self.seed = int(seed)
         self._device = device
-        self.generator = Generator(self.params, self.config, self.numerics, self.tok, batch_size=self._batch_size,
-                                   mesh=self.mesh)
+        self.generator = Generator(
+            self.params, self.config, self.numerics, self.tok, batch_size=self._batch_size, mesh=self.mesh
+        )
 
     @classmethod
     def from_model(cls, model, **kwargs) -> MistralJaxLM:
@@ -139,13 +155,14 @@ class MistralJaxLM(TemplateLM):
     def batch_size(self) -> int:
         return self._batch_size
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
-                   **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs
+    ) -> list[int]:
         """As the `hf` model: BOS unless add_special_tokens (default add_bos_token) says otherwise; a string that
         starts with the BOS text keeps that BOS and gets no second one."""
         bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
         if add_special_tokens is None and string.startswith(BOS_TEXT):
-            ids = [self.tok.bos_id] + self.tok.encode(string[len(BOS_TEXT):], bos=False)
+            ids = [self.tok.bos_id] + self.tok.encode(string[len(BOS_TEXT) :], bos=False)
         else:
             ids = self.tok.encode(string, bos=bos)
         return ids[-left_truncate_len:] if left_truncate_len else ids
@@ -155,8 +172,13 @@ class MistralJaxLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         c = self.config
-        return {"model_dtype": self.numerics.dtype, "model_num_layers": c.n_layers, "model_dim": c.dim,
-                "model_vocab_size": c.vocab_size, "max_seq_len": c.max_seq_len}
+        return {
+            "model_dtype": self.numerics.dtype,
+            "model_num_layers": c.n_layers,
+            "model_dim": c.dim,
+            "model_vocab_size": c.vocab_size,
+            "max_seq_len": c.max_seq_len,
+        }
 
     # ---- log-likelihoods -------------------------------------------------------------------------------------
 
@@ -168,10 +190,11 @@ class MistralJaxLM(TemplateLM):
             if not ctx or not cont:
                 raise ValueError("loglikelihood: a request needs at least one context and one continuation token")
             if len(cont) > self.max_length:
-                raise ValueError(f"loglikelihood: continuation of {len(cont)} tokens exceeds max_length "
-                                 f"{self.max_length}")
+                raise ValueError(
+                    f"loglikelihood: continuation of {len(cont)} tokens exceeds max_length {self.max_length}"
+                )
             # Truncated from the left so that the inputs fit max_length (the last token is only a target).
-            rows.append((ctx + cont)[-(self.max_length + 1):])
+            rows.append((ctx + cont)[-(self.max_length + 1) :])
         out = self._score_rows(rows, [len(c) for _, _, c in requests], disable_tqdm)
         for (key, _, _), answer in zip(requests, out):
             if key is not None:
@@ -184,17 +207,19 @@ class MistralJaxLM(TemplateLM):
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # longest first, as lm_eval
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         bs = self.batch_size
-        with self.mesh.activate(), tqdm(total=len(rows), disable=disable_tqdm or self.rank != 0,
-                                        desc="Running loglikelihood requests") as bar:
+        with (
+            self.mesh.activate(),
+            tqdm(total=len(rows), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests") as bar,
+        ):
             for start in range(0, len(order), bs):
-                idx = order[start:start + bs]
+                idx = order[start : start + bs]
                 t = bucket_length(max(len(rows[i]) - 1 for i in idx), self.config.max_seq_len)
                 inputs, lengths = pad_rows([rows[i][:-1] for i in idx], bs, t)
                 targets, _ = pad_rows([rows[i][1:] for i in idx], bs, t)
                 lp, greedy = self.mesh.fetch(fn(self.params, *self.mesh.place(inputs, targets, lengths)))
                 for j, i in enumerate(idx):
                     n, k = len(rows[i]) - 1, n_scored[i]
-                    out[i] = (float(lp[j, n - k:n].sum(dtype=np.float64)), bool(greedy[j, n - k:n].all()))
+                    out[i] = (float(lp[j, n - k : n].sum(dtype=np.float64)), bool(greedy[j, n - k : n].all()))
                 bar.update(len(idx))
         return out
 
@@ -203,9 +228,15 @@ class MistralJaxLM(TemplateLM):
         on the prefix token, later ones on as many earlier tokens as fit; every token is scored once."""
         windows, owner = [], []
         for i, (string,) in enumerate(req.args for req in requests):
-            for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for ctx, cont in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, ctx, cont))
                 owner.append(i)
         scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm) if windows else []
@@ -231,15 +262,23 @@ class MistralJaxLM(TemplateLM):
         kw.pop("max_length", None)  # prompt + generation; max_gen_toks decides
         bad = {k: v for k, v in kw.items() if _NO_OP_GEN_KWARGS.get(k, object()) != v}
         if bad:
-            raise ValueError(f"generate_until: unsupported generation settings {bad} (supported: until, "
-                             "max_gen_toks, do_sample, temperature, top_k, top_p)")
+            raise ValueError(
+                f"generate_until: unsupported generation settings {bad} (supported: until, "
+                "max_gen_toks, do_sample, temperature, top_k, top_p)"
+            )
         if do_sample and temperature == 0.0:
             temperature = 1.0  # transformers' default when sampling
         if not do_sample:
             temperature = 0.0
         # The EOS token stops generation by id; its text, as lm_eval adds it, is only cut at afterwards.
-        return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed, stop_strings=tuple(s for s in until if s and s != eos)), until
+        return SamplingParams(
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_strings=tuple(s for s in until if s and s != eos),
+        ), until
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations of each context until a stop string (cut before it), EOS or max_gen_toks tokens;
@@ -249,8 +288,10 @@ class MistralJaxLM(TemplateLM):
             sampling, until = self._sampling(gen_kwargs, self.seed + i)
             room = self.max_length - sampling.max_new_tokens
             if room <= 0:
-                raise ValueError(f"generate_until: max_gen_toks {sampling.max_new_tokens} leaves no room for the "
-                                 f"context in max_length {self.max_length}")
+                raise ValueError(
+                    f"generate_until: max_gen_toks {sampling.max_new_tokens} leaves no room for the "
+                    f"context in max_length {self.max_length}"
+                )
             prompts.append(self.tok_encode(context, left_truncate_len=room))
             settings.append(sampling)
             stops.append(until)

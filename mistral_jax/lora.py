@@ -24,8 +24,15 @@ from .config import MistralConfig
 Params = dict[str, Any]
 
 # LoRA targets by the transformers names that PEFT uses, and our layer param they adapt.
-TARGETS = {"q": "attention/wq", "k": "attention/wk", "v": "attention/wv", "o": "attention/wo",
-           "gate": "feed_forward/w1", "up": "feed_forward/w3", "down": "feed_forward/w2"}
+TARGETS = {
+    "q": "attention/wq",
+    "k": "attention/wk",
+    "v": "attention/wv",
+    "o": "attention/wo",
+    "gate": "feed_forward/w1",
+    "up": "feed_forward/w3",
+    "down": "feed_forward/w2",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +76,7 @@ class LoraWeight:
     def shape(self) -> tuple[int, ...]:
         return self.w.shape
 
-    def reshape(self, *shape) -> "LoraWeight":
+    def reshape(self, *shape) -> LoraWeight:
         """The weight reshaped, its input axes merged or split within themselves (a [in..., r], b [r, out...])."""
         w = self.w.reshape(*shape)
         n_in, k, size = math.prod(self.a.shape[:-1]), 0, 1
@@ -78,8 +85,9 @@ class LoraWeight:
             k += 1
         if size != n_in:
             raise ValueError(f"LoraWeight.reshape: {shape} splits an input axis of {self.w.shape} with an output axis")
-        return self.replace(w=w, a=self.a.reshape(*w.shape[:k], self.a.shape[-1]),
-                            b=self.b.reshape(self.b.shape[0], *w.shape[k:]))
+        return self.replace(
+            w=w, a=self.a.reshape(*w.shape[:k], self.a.shape[-1]), b=self.b.reshape(self.b.shape[0], *w.shape[k:])
+        )
 
     def project(self, eq: str, x):
         xs, rest = eq.split(",")
@@ -92,13 +100,15 @@ class LoraWeight:
             keep = jax.random.bernoulli(jax.random.wrap_key_data(self.key), 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         h = jnp.einsum(f"{xs},{contract}r->{x_rest}r", x, self.a.astype(x.dtype))
-        return y + jnp.einsum(f"{x_rest}r,r{w_out}->{out}", h, self.b.astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+        return y + jnp.einsum(f"{x_rest}r,r{w_out}->{out}", h, self.b.astype(x.dtype)) * jnp.asarray(
+            self.scale, x.dtype
+        )
 
 
 def _split(w: params_lib.Weight, c: MistralConfig):
     """(input shape, output shape, input axes, output axes) of one layer of projection `w`."""
     shape = w.shape(c)
-    return shape[:w.n_in], shape[w.n_in:], w.axes[:w.n_in], w.axes[w.n_in:]
+    return shape[: w.n_in], shape[w.n_in :], w.axes[: w.n_in], w.axes[w.n_in :]
 
 
 def _group_name(w: params_lib.Weight) -> tuple[str, str]:
@@ -149,8 +159,9 @@ def attach(params: Params, adapters: Params, spec: LoraConfig, dropout_rng=None)
             n = jax.tree.leaves(base)[0].shape[0]
             key = jax.random.key_data(jax.random.split(jax.random.fold_in(dropout_rng, k), n))
         ad = adapters["layers"][group]
-        layers[group][name] = LoraWeight(base, ad[name + "_a"], ad[name + "_b"], key, spec.scale,
-                                         spec.dropout if use_dropout else 0.0)
+        layers[group][name] = LoraWeight(
+            base, ad[name + "_a"], ad[name + "_b"], key, spec.scale, spec.dropout if use_dropout else 0.0
+        )
     return {**params, "layers": layers}
 
 
@@ -162,7 +173,8 @@ def merge_lora(params: Params, adapters: Params, spec: LoraConfig) -> Params:
         a, b = adapters["layers"][group][name + "_a"], adapters["layers"][group][name + "_b"]
         base = layers[group][name]
         n_in = a.ndim - 2  # a is [L, in..., r]
-        delta = jnp.einsum(a, [0, *range(1, n_in + 1), 99], b, [0, 99, *range(n_in + 1, base.ndim)],
-                           [0, *range(1, base.ndim)])
+        delta = jnp.einsum(
+            a, [0, *range(1, n_in + 1), 99], b, [0, 99, *range(n_in + 1, base.ndim)], [0, *range(1, base.ndim)]
+        )
         layers[group][name] = (base.astype(jnp.float32) + spec.scale * delta).astype(base.dtype)
     return {**params, "layers": layers}

@@ -46,8 +46,18 @@ def rms_norm(x, scale, eps: float):
     return y.astype(x.dtype) * scale.astype(x.dtype)
 
 
-def attention(p: Params, x, rope, positions, segment_ids, kv, update: CacheUpdate | None, *,
-              config: MistralConfig, numerics: Numerics):
+def attention(
+    p: Params,
+    x,
+    rope,
+    positions,
+    segment_ids,
+    kv,
+    update: CacheUpdate | None,
+    *,
+    config: MistralConfig,
+    numerics: Numerics,
+):
     """x [B, T, D] -> ([B, T, D], kv). `kv` = (k, v, layer) of the cache ([L, B, K, S, H] each) or None."""
     q = project("BTD,DNH->BTNH", x, p["wq"])
     k = project("BTD,DKH->BTKH", x, p["wk"])
@@ -64,8 +74,7 @@ def attention(p: Params, x, rope, positions, segment_ids, kv, update: CacheUpdat
         out = itself(q, k, v)  # [B, T, N, H]
     else:
         ck, cv, layer = kv
-        out, ck, cv = kv_cache.attend_and_write(q, k, v, positions, segment_ids, ck, cv, layer, update, window,
-                                                itself)
+        out, ck, cv = kv_cache.attend_and_write(q, k, v, positions, segment_ids, ck, cv, layer, update, window, itself)
         kv = (ck, cv, layer)
     # Heads concatenated (E = N*H), then one product: as mistral-inference's wo(output.view(B, T, -1)).
     wo = p["wo"]
@@ -81,16 +90,35 @@ def feed_forward(p: Params, x):
 
 def block(p: Params, x, rope, positions, segment_ids, kv, update, *, config: MistralConfig, numerics: Numerics):
     """One layer: p is one layer's slice of params['layers']."""
-    h, kv = attention(p["attention"], rms_norm(x, p["attention_norm"]["scale"], config.norm_eps), rope, positions,
-                      segment_ids, kv, update, config=config, numerics=numerics)
+    h, kv = attention(
+        p["attention"],
+        rms_norm(x, p["attention_norm"]["scale"], config.norm_eps),
+        rope,
+        positions,
+        segment_ids,
+        kv,
+        update,
+        config=config,
+        numerics=numerics,
+    )
     h = x + h
     out = h + feed_forward(p["feed_forward"], rms_norm(h, p["ffn_norm"]["scale"], config.norm_eps))
     return nn.with_logical_constraint(out, ("batch", "length", "embed")), kv
 
 
-def forward(params: Params, tokens, positions=None, segment_ids=None, cache: KVCache | None = None, *,
-            config: MistralConfig, numerics: Numerics = Numerics(), logits_at=None, cache_empty: bool = False,
-            hidden_states: bool = False):
+def forward(
+    params: Params,
+    tokens,
+    positions=None,
+    segment_ids=None,
+    cache: KVCache | None = None,
+    *,
+    config: MistralConfig,
+    numerics: Numerics = Numerics(),
+    logits_at=None,
+    cache_empty: bool = False,
+    hidden_states: bool = False,
+):
     """tokens [B, T] int -> logits [B, T, V] float32, or (logits, new cache) when `cache` is given.
 
     positions [B, T]: absolute positions (default 0..T-1). segment_ids [B, T]: 0 for padding, distinct ids
@@ -115,8 +143,9 @@ def forward(params: Params, tokens, positions=None, segment_ids=None, cache: KVC
     def layer(carry, xs):
         x, kv = carry
         p, i = xs
-        x, kv = block(p, x, rope, positions, segment_ids, None if kv is None else (*kv, i), update, config=c,
-                      numerics=numerics)
+        x, kv = block(
+            p, x, rope, positions, segment_ids, None if kv is None else (*kv, i), update, config=c, numerics=numerics
+        )
         return (x, None if kv is None else kv[:2]), x if hidden_states else None
 
     if numerics.remat != "none":
@@ -154,8 +183,16 @@ def run_layers(layer, carry, layers, n_layers: int):
     return jax.lax.scan(layer, carry, (layers, jnp.arange(n_layers, dtype=jnp.int32)))
 
 
-def attention_weights(params: Params, hidden, layer: int, positions=None, segment_ids=None, *,
-                      config: MistralConfig, numerics: Numerics = Numerics()):
+def attention_weights(
+    params: Params,
+    hidden,
+    layer: int,
+    positions=None,
+    segment_ids=None,
+    *,
+    config: MistralConfig,
+    numerics: Numerics = Numerics(),
+):
     """The attention probabilities [B, N, T, T] of layer `layer` given its input `hidden` [B, T, D] (that
     layer's entry of forward's hidden_states), for looking inside the model."""
     b, t, _ = hidden.shape
@@ -177,7 +214,8 @@ def attention_weights(params: Params, hidden, layer: int, positions=None, segmen
 
 
 @functools.partial(jax.jit, static_argnames=("config", "numerics"))
-def logits(params: Params, tokens, positions=None, segment_ids=None, *, config: MistralConfig,
-           numerics: Numerics = Numerics()):
+def logits(
+    params: Params, tokens, positions=None, segment_ids=None, *, config: MistralConfig, numerics: Numerics = Numerics()
+):
     """Jitted logits [B, T, V] float32 (no cache)."""
     return forward(params, tokens, positions, segment_ids, config=config, numerics=numerics)

@@ -21,7 +21,8 @@ two line up element for element: import assigns into it, export copies out of it
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ def _heads_out(n_heads: Callable[[MistralConfig], int]) -> View:
     def view(x, c):  # [D, n, H] -> stored [n*H, D], heads in half-rotary order
         n = n_heads(c)
         return x.reshape(c.dim, n * c.head_dim).T, (n * c.head_dim, c.dim)
+
     return view
 
 
@@ -51,6 +53,7 @@ def _heads_out_interleaved(n_heads: Callable[[MistralConfig], int]) -> View:
     def view(x, c):
         n, h2 = n_heads(c), c.head_dim // 2
         return x.reshape(c.dim, n, 2, h2).transpose(1, 3, 2, 0), (n, h2, 2, c.dim)
+
     return view
 
 
@@ -68,15 +71,15 @@ def _kv(c):
 
 @dataclasses.dataclass(frozen=True)
 class Weight:
-    path: str                                         # leaf path in the param tree
+    path: str  # leaf path in the param tree
     shape: Callable[[MistralConfig], tuple[int, ...]]  # one layer's shape for layer leaves
-    axes: tuple[str, ...]                             # logical axes of that shape
-    init: str                                         # "normal" (std 0.02) | "ones"
-    hf: str                                           # transformers tensor name ("{l}": layer index)
-    native: str                                       # Mistral native tensor name
-    view: View                                        # our layer array -> the stored layout (transformers)
-    native_view: View | None = None                   # when the native layout differs
-    n_in: int = 0                                     # leading input axes of a projection (0: not one)
+    axes: tuple[str, ...]  # logical axes of that shape
+    init: str  # "normal" (std 0.02) | "ones"
+    hf: str  # transformers tensor name ("{l}": layer index)
+    native: str  # Mistral native tensor name
+    view: View  # our layer array -> the stored layout (transformers)
+    native_view: View | None = None  # when the native layout differs
+    n_in: int = 0  # leading input axes of a projection (0: not one)
 
     @property
     def layered(self) -> bool:
@@ -105,33 +108,116 @@ class Weight:
 
 
 WEIGHTS: tuple[Weight, ...] = (
-    Weight("tok_embeddings/embedding", lambda c: (c.vocab_size, c.dim), ("vocab", "embed"), "normal",
-           "model.embed_tokens.weight", "tok_embeddings.weight", _same),
-    Weight("layers/attention_norm/scale", lambda c: (c.dim,), ("embed",), "ones",
-           "model.layers.{l}.input_layernorm.weight", "layers.{l}.attention_norm.weight", _same),
-    Weight("layers/attention/wq", lambda c: (c.dim, c.n_heads, c.head_dim), ("embed", "heads", "head_dim"),
-           "normal", "model.layers.{l}.self_attn.q_proj.weight", "layers.{l}.attention.wq.weight",
-           _heads_out(_q), _heads_out_interleaved(_q), n_in=1),
-    Weight("layers/attention/wk", lambda c: (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
-           "normal", "model.layers.{l}.self_attn.k_proj.weight", "layers.{l}.attention.wk.weight",
-           _heads_out(_kv), _heads_out_interleaved(_kv), n_in=1),
-    Weight("layers/attention/wv", lambda c: (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
-           "normal", "model.layers.{l}.self_attn.v_proj.weight", "layers.{l}.attention.wv.weight",
-           _heads_out(_kv), n_in=1),
-    Weight("layers/attention/wo", lambda c: (c.n_heads, c.head_dim, c.dim), ("heads", "head_dim", "embed"),
-           "normal", "model.layers.{l}.self_attn.o_proj.weight", "layers.{l}.attention.wo.weight", _heads_in,
-           n_in=2),
-    Weight("layers/ffn_norm/scale", lambda c: (c.dim,), ("embed",), "ones",
-           "model.layers.{l}.post_attention_layernorm.weight", "layers.{l}.ffn_norm.weight", _same),
-    Weight("layers/feed_forward/w1", lambda c: (c.dim, c.hidden_dim), ("embed", "mlp"), "normal",
-           "model.layers.{l}.mlp.gate_proj.weight", "layers.{l}.feed_forward.w1.weight", _linear, n_in=1),
-    Weight("layers/feed_forward/w2", lambda c: (c.hidden_dim, c.dim), ("mlp", "embed"), "normal",
-           "model.layers.{l}.mlp.down_proj.weight", "layers.{l}.feed_forward.w2.weight", _linear, n_in=1),
-    Weight("layers/feed_forward/w3", lambda c: (c.dim, c.hidden_dim), ("embed", "mlp"), "normal",
-           "model.layers.{l}.mlp.up_proj.weight", "layers.{l}.feed_forward.w3.weight", _linear, n_in=1),
+    Weight(
+        "tok_embeddings/embedding",
+        lambda c: (c.vocab_size, c.dim),
+        ("vocab", "embed"),
+        "normal",
+        "model.embed_tokens.weight",
+        "tok_embeddings.weight",
+        _same,
+    ),
+    Weight(
+        "layers/attention_norm/scale",
+        lambda c: (c.dim,),
+        ("embed",),
+        "ones",
+        "model.layers.{l}.input_layernorm.weight",
+        "layers.{l}.attention_norm.weight",
+        _same,
+    ),
+    Weight(
+        "layers/attention/wq",
+        lambda c: (c.dim, c.n_heads, c.head_dim),
+        ("embed", "heads", "head_dim"),
+        "normal",
+        "model.layers.{l}.self_attn.q_proj.weight",
+        "layers.{l}.attention.wq.weight",
+        _heads_out(_q),
+        _heads_out_interleaved(_q),
+        n_in=1,
+    ),
+    Weight(
+        "layers/attention/wk",
+        lambda c: (c.dim, c.n_kv_heads, c.head_dim),
+        ("embed", "kv_heads", "head_dim"),
+        "normal",
+        "model.layers.{l}.self_attn.k_proj.weight",
+        "layers.{l}.attention.wk.weight",
+        _heads_out(_kv),
+        _heads_out_interleaved(_kv),
+        n_in=1,
+    ),
+    Weight(
+        "layers/attention/wv",
+        lambda c: (c.dim, c.n_kv_heads, c.head_dim),
+        ("embed", "kv_heads", "head_dim"),
+        "normal",
+        "model.layers.{l}.self_attn.v_proj.weight",
+        "layers.{l}.attention.wv.weight",
+        _heads_out(_kv),
+        n_in=1,
+    ),
+    Weight(
+        "layers/attention/wo",
+        lambda c: (c.n_heads, c.head_dim, c.dim),
+        ("heads", "head_dim", "embed"),
+        "normal",
+        "model.layers.{l}.self_attn.o_proj.weight",
+        "layers.{l}.attention.wo.weight",
+        _heads_in,
+        n_in=2,
+    ),
+    Weight(
+        "layers/ffn_norm/scale",
+        lambda c: (c.dim,),
+        ("embed",),
+        "ones",
+        "model.layers.{l}.post_attention_layernorm.weight",
+        "layers.{l}.ffn_norm.weight",
+        _same,
+    ),
+    Weight(
+        "layers/feed_forward/w1",
+        lambda c: (c.dim, c.hidden_dim),
+        ("embed", "mlp"),
+        "normal",
+        "model.layers.{l}.mlp.gate_proj.weight",
+        "layers.{l}.feed_forward.w1.weight",
+        _linear,
+        n_in=1,
+    ),
+    Weight(
+        "layers/feed_forward/w2",
+        lambda c: (c.hidden_dim, c.dim),
+        ("mlp", "embed"),
+        "normal",
+        "model.layers.{l}.mlp.down_proj.weight",
+        "layers.{l}.feed_forward.w2.weight",
+        _linear,
+        n_in=1,
+    ),
+    Weight(
+        "layers/feed_forward/w3",
+        lambda c: (c.dim, c.hidden_dim),
+        ("embed", "mlp"),
+        "normal",
+        "model.layers.{l}.mlp.up_proj.weight",
+        "layers.{l}.feed_forward.w3.weight",
+        _linear,
+        n_in=1,
+    ),
     Weight("norm/scale", lambda c: (c.dim,), ("embed",), "ones", "model.norm.weight", "norm.weight", _same),
-    Weight("output/kernel", lambda c: (c.dim, c.vocab_size), ("embed", "vocab"), "normal", "lm_head.weight",
-           "output.weight", _linear, n_in=1),
+    Weight(
+        "output/kernel",
+        lambda c: (c.dim, c.vocab_size),
+        ("embed", "vocab"),
+        "normal",
+        "lm_head.weight",
+        "output.weight",
+        _linear,
+        n_in=1,
+    ),
 )
 BY_PATH = {w.path: w for w in WEIGHTS}
 
@@ -142,6 +228,7 @@ def weights(config: MistralConfig) -> tuple[Weight, ...]:
 
 
 # ---- trees by path ------------------------------------------------------------------------------------------
+
 
 def tree_get(tree: dict, path: str):
     for k in path.split("/"):
@@ -176,6 +263,7 @@ def build(config: MistralConfig, leaf: Callable[[Weight], Any]) -> Params:
 
 
 # ---- derived trees ------------------------------------------------------------------------------------------
+
 
 def leaf_shapes(config: MistralConfig) -> dict[str, tuple[int, ...]]:
     """Leaf path -> full shape (stacked layers lead with L)."""

@@ -35,18 +35,23 @@ def decode_program(config: MistralConfig, numerics: Numerics, mesh: ModelMesh):
 
 @functools.cache
 def _prefill(config: MistralConfig, numerics: Numerics, chunk: int, mesh: Mesh, rules):
-    fn = jax.jit(functools.partial(decode_lib.prefill, config=config, numerics=numerics, chunk=chunk),
-                 donate_argnames=("cache",),
-                 out_shardings=(batch_sharding(mesh, 2, rules), cache_shardings(mesh, rules)))
+    fn = jax.jit(
+        functools.partial(decode_lib.prefill, config=config, numerics=numerics, chunk=chunk),
+        donate_argnames=("cache",),
+        out_shardings=(batch_sharding(mesh, 2, rules), cache_shardings(mesh, rules)),
+    )
     _JITTED["prefill"].append(fn)
     return fn
 
 
 @functools.cache
 def _decode(config: MistralConfig, numerics: Numerics, mesh: Mesh, rules):
-    fn = jax.jit(functools.partial(decode_lib.decode, config=config, numerics=numerics),
-                 donate_argnames=("state",), static_argnames=("sampled", "final"),
-                 out_shardings=state_shardings(mesh, rules))
+    fn = jax.jit(
+        functools.partial(decode_lib.decode, config=config, numerics=numerics),
+        donate_argnames=("state",),
+        static_argnames=("sampled", "final"),
+        out_shardings=state_shardings(mesh, rules),
+    )
     _JITTED["decode"].append(fn)
     return fn
 
@@ -54,9 +59,21 @@ def _decode(config: MistralConfig, numerics: Numerics, mesh: Mesh, rules):
 def state_shardings(mesh: Mesh, rules) -> decode_lib.DecodeState:
     """A DecodeState of shardings: rows over the batch axes, the cache as ModelMesh.cache lays it out."""
     rows, table = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
-    return decode_lib.DecodeState(cache=cache_shardings(mesh, rules), logits=table, out=table, n=rows, pos=rows,
-                                  done=rows, reason=rows, seeds=rows, temperature=rows, top_k=rows, top_p=rows,
-                                  max_new=rows, stop_ids=table)
+    return decode_lib.DecodeState(
+        cache=cache_shardings(mesh, rules),
+        logits=table,
+        out=table,
+        n=rows,
+        pos=rows,
+        done=rows,
+        reason=rows,
+        seeds=rows,
+        temperature=rows,
+        top_k=rows,
+        top_p=rows,
+        max_new=rows,
+        stop_ids=table,
+    )
 
 
 def count(kind: str | None = None) -> int:
@@ -66,6 +83,7 @@ def count(kind: str | None = None) -> int:
 
 
 # ---- compilation time ---------------------------------------------------------------------------------------
+
 
 class CompileTimer:
     """Adds up the seconds JAX spends tracing and compiling from its creation on (its /jax/core/compile/
@@ -94,8 +112,11 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     Nothing else is kept there, and nothing there is ever run as code: JAX reads an entry as bytes,
     decompresses it and hands it to XLA's executable deserializer (no pickle), and an entry it cannot read is
     a cache miss (a warning, then a compilation)."""
-    path = path or os.environ.get("MISTRAL_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "mistral_jax", "xla")
+    path = (
+        path
+        or os.environ.get("MISTRAL_JAX_CACHE")
+        or os.path.join(os.path.expanduser("~"), ".cache", "mistral_jax", "xla")
+    )
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

@@ -22,5 +22,5 @@ def apply_rope(x, tables):
     cos, sin = tables
     h = x.shape[-1]
     x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., : h // 2], x32[..., h // 2:]
+    x1, x2 = x32[..., : h // 2], x32[..., h // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

@@ -33,8 +33,18 @@ HISTORY = "config_history.jsonl"
 CONFIG = "train_config.json"
 
 # Settings that do not change what is computed: a resumed run may change them and still equal an uninterrupted one.
-BOOKKEEPING = {"output", "eval", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard",
-               "progress", "max_bad_steps", "mesh"}
+BOOKKEEPING = {
+    "output",
+    "eval",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "tensorboard",
+    "progress",
+    "max_bad_steps",
+    "mesh",
+}
 
 
 class ResumeError(ValueError):
@@ -52,6 +62,7 @@ def one_line(e: BaseException, limit: int = 300) -> str:
 
 # ---- what a checkpoint records --------------------------------------------------------------------------------
 
+
 def data_fingerprint(path: str, rows: int) -> dict:
     """{"path", "rows" (non-blank lines), "sha256" of the file's bytes}."""
     h = hashlib.sha256()
@@ -62,8 +73,13 @@ def data_fingerprint(path: str, rows: int) -> dict:
 
 
 def record(cfg: TrainConfig, fingerprint: dict, checksums: dict[str, str]) -> dict:
-    return {"version": 1, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "train": fingerprint,
-            "checksums": checksums}
+    return {
+        "version": 1,
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+        "train": fingerprint,
+        "checksums": checksums,
+    }
 
 
 def _leaf_sum(x: jax.Array) -> jax.Array:
@@ -82,8 +98,10 @@ def checksums(tree) -> dict[str, str]:
 
         sums = multihost_utils.process_allgather(sums, tiled=True)
     sums = jax.device_get(sums)
-    return {jax.tree_util.keystr(path): f"{int(v[0]):08x}{int(v[1]):08x}"
-            for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+    return {
+        jax.tree_util.keystr(path): f"{int(v[0]):08x}{int(v[1]):08x}"
+        for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]
+    }
 
 
 def mismatch(tree, want: dict[str, str]) -> str | None:
@@ -97,14 +115,20 @@ def mismatch(tree, want: dict[str, str]) -> str | None:
 
 # ---- resume checks --------------------------------------------------------------------------------------------
 
+
 def check_resume(saved: dict, step: int, cfg: TrainConfig, fingerprint: dict) -> None:
     """Raises ResumeError when the checkpoint's record (of `step`) does not fit the run's settings and data."""
-    changes = [f"{key} {saved[key]} -> {getattr(cfg, key)}" for key in ("batch_size", "seq_len")
-               if key in saved and saved[key] != getattr(cfg, key)]
+    changes = [
+        f"{key} {saved[key]} -> {getattr(cfg, key)}"
+        for key in ("batch_size", "seq_len")
+        if key in saved and saved[key] != getattr(cfg, key)
+    ]
     old = saved.get("train")
     if isinstance(old, dict) and (old.get("rows"), old.get("sha256")) != (fingerprint["rows"], fingerprint["sha256"]):
-        changes.append(f"train data {old.get('path')} ({old.get('rows')} rows, sha256 {str(old.get('sha256'))[:12]}) "
-                       f"-> {fingerprint['path']} ({fingerprint['rows']} rows, sha256 {fingerprint['sha256'][:12]})")
+        changes.append(
+            f"train data {old.get('path')} ({old.get('rows')} rows, sha256 {str(old.get('sha256'))[:12]}) "
+            f"-> {fingerprint['path']} ({fingerprint['rows']} rows, sha256 {fingerprint['sha256'][:12]})"
+        )
     if changes:
         _refuse(cfg, step, changes)
 
@@ -114,19 +138,25 @@ def check_legacy_resume(previous: dict | None, step: int, cfg: TrainConfig) -> l
     (raises ResumeError). Returns notes on what cannot be checked."""
     if previous is None:
         return [f"note: {cfg.output}: no record of the settings of checkpoint {step}; batch size and data unchecked"]
-    changes = [f"{key} {previous[key]} -> {getattr(cfg, key)}" for key in ("batch_size", "seq_len")
-               if key in previous and previous[key] != getattr(cfg, key)]
+    changes = [
+        f"{key} {previous[key]} -> {getattr(cfg, key)}"
+        for key in ("batch_size", "seq_len")
+        if key in previous and previous[key] != getattr(cfg, key)
+    ]
     if changes:
         _refuse(cfg, step, changes)
     return [f"note: checkpoint {step} of {cfg.output} predates data fingerprints; the training data is unchecked"]
 
 
 def _refuse(cfg: TrainConfig, step: int, changes: list[str]) -> None:
-    raise ResumeError(f"cannot resume {cfg.output} from step {step}: {'; '.join(changes)}; run again with the "
-                      "settings and data it was saved with, or pass a new --output to start a new run")
+    raise ResumeError(
+        f"cannot resume {cfg.output} from step {step}: {'; '.join(changes)}; run again with the "
+        "settings and data it was saved with, or pass a new --output to start a new run"
+    )
 
 
 # ---- settings history -----------------------------------------------------------------------------------------
+
 
 def previous_config(output: str) -> dict | None:
     """The settings of the latest start of the run (nested form), or None for a new run directory."""
@@ -171,8 +201,10 @@ def record_start(cfg: TrainConfig, resumed_from: int | None, log: Callable[[str]
     computed, other = changed_settings(previous_config(cfg.output) if resumed_from is not None else None, cfg)
     changed = sorted(computed + other)
     if computed:
-        log(f"warning: resuming {cfg.output} with changed settings: {', '.join(changed)}; "
-            "the run will not equal an uninterrupted one")
+        log(
+            f"warning: resuming {cfg.output} with changed settings: {', '.join(changed)}; "
+            "the run will not equal an uninterrupted one"
+        )
     elif other:
         log(f"note: resuming {cfg.output} with changed settings: {', '.join(changed)}")
     now = cfg.to_dict()
@@ -183,8 +215,12 @@ def record_start(cfg: TrainConfig, resumed_from: int | None, log: Callable[[str]
             json.dump(now, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)
-    row = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "resumed_from": resumed_from, "config": now, "changed": changed}
+    row = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "resumed_from": resumed_from,
+        "config": now,
+        "changed": changed,
+    }
     path = os.path.join(cfg.output, HISTORY)
     with open(path, "a+b") as f:
         f.seek(0, os.SEEK_END)

@@ -33,7 +33,8 @@ def _row_keys(seeds, steps):
     """[B] seeds, [B] steps -> [B] typed PRNG keys, each fold_in(key(seed), step). Seeds are read as uint32,
     so an int32 seed s >= 0 gives the same key as the uint32 one."""
     return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(
-        seeds.astype(jnp.uint32), steps.astype(jnp.uint32))
+        seeds.astype(jnp.uint32), steps.astype(jnp.uint32)
+    )
 
 
 PREFIX = 256  # candidates (lax.top_k) tried before falling back to a full sort of the vocabulary
@@ -110,10 +111,9 @@ def sample(logits, seeds, steps, temperature, top_k, top_p):
     def draw(_):
         scaled = logits / jnp.where(sampled_rows, temperature, 1.0)[:, None]
         filtered_rows = sampled_rows & (((top_k > 0) & (top_k < v)) | (top_p < 1.0))
-        scaled = lax.cond(jnp.any(filtered_rows),
-                          lambda x: _filter(x, top_k, top_p, filtered_rows),
-                          lambda x: x,
-                          scaled)
+        scaled = lax.cond(
+            jnp.any(filtered_rows), lambda x: _filter(x, top_k, top_p, filtered_rows), lambda x: x, scaled
+        )
         keys = _row_keys(seeds, steps)
         drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
         return jnp.where(sampled_rows, drawn, greedy_tokens)

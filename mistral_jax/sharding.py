@@ -26,12 +26,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from . import params as params_lib
 from .config import MistralConfig
@@ -45,27 +47,28 @@ BATCH_AXES = ("data", "fsdp")
 # [batch, length, embed] gives fsdp to `batch` and leaves `embed` whole, while a weight [embed, mlp], having
 # no batch dimension, is split over fsdp along `embed`: that is FSDP.
 RULES: tuple[tuple[str, Any], ...] = (
-    ("batch",        BATCH_AXES),  # activations, KV cache, per-row inputs and outputs
-    ("vocab",        "tensor"),    # embedding rows, output head columns, logits
-    ("heads",        "tensor"),    # query heads (wq, wo, attention activations)
-    ("kv_heads",     "tensor"),    # KV heads (wk, wv, KV cache); replicated when they do not divide, below
-    ("mlp",          "tensor"),    # SwiGLU hidden dimension
-    ("embed",        "fsdp"),      # model dimension of every weight (FSDP)
-    ("length",       None),        # sequence positions: no sequence parallelism
-    ("cache_length", None),        # KV cache slots
-    ("head_dim",     None),
-    ("layers",       None),        # stacked layers of nn.scan: every device holds every layer's shard
-    ("lora_rank",    None),        # LoRA adapters: the rank is tiny, the other dimension carries the split
+    ("batch", BATCH_AXES),  # activations, KV cache, per-row inputs and outputs
+    ("vocab", "tensor"),  # embedding rows, output head columns, logits
+    ("heads", "tensor"),  # query heads (wq, wo, attention activations)
+    ("kv_heads", "tensor"),  # KV heads (wk, wv, KV cache); replicated when they do not divide, below
+    ("mlp", "tensor"),  # SwiGLU hidden dimension
+    ("embed", "fsdp"),  # model dimension of every weight (FSDP)
+    ("length", None),  # sequence positions: no sequence parallelism
+    ("cache_length", None),  # KV cache slots
+    ("head_dim", None),
+    ("layers", None),  # stacked layers of nn.scan: every device holds every layer's shard
+    ("lora_rank", None),  # LoRA adapters: the rank is tiny, the other dimension carries the split
 )
 
 # Logical axes of the KV cache's fields (kv_cache.KVCache: k, v [L, B, K, S, H], pos [B, S]).
-CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "cache_length", "head_dim"),
-              "v": ("layers", "batch", "kv_heads", "cache_length", "head_dim"),
-              "pos": ("batch", "cache_length")}
+CACHE_AXES = {
+    "k": ("layers", "batch", "kv_heads", "cache_length", "head_dim"),
+    "v": ("layers", "batch", "kv_heads", "cache_length", "head_dim"),
+    "pos": ("batch", "cache_length"),
+}
 
 # For the error messages: the config field behind each logical axis that the rules split.
-_FIELD = {"vocab": "vocab_size", "heads": "n_heads", "kv_heads": "n_kv_heads", "mlp": "hidden_dim",
-          "embed": "dim"}
+_FIELD = {"vocab": "vocab_size", "heads": "n_heads", "kv_heads": "n_kv_heads", "mlp": "hidden_dim", "embed": "dim"}
 
 
 class ShardingError(ValueError):
@@ -73,6 +76,7 @@ class ShardingError(ValueError):
 
 
 # ---- the mesh ----------------------------------------------------------------------------------------------
+
 
 def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
     """'data=2,fsdp=-1' -> {'data': 2, 'fsdp': N/2, 'tensor': 1}. Missing axes are 1; one axis may be -1 (the
@@ -85,8 +89,10 @@ def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
         name, eq, value = part.strip().partition("=")
         name = name.strip()
         if not eq or name not in MESH_AXES:
-            raise ShardingError(f"--mesh {spec!r}: bad entry {part!r}; expected name=size with name one of "
-                                f"{', '.join(MESH_AXES)}, e.g. data=2,fsdp=2,tensor=2")
+            raise ShardingError(
+                f"--mesh {spec!r}: bad entry {part!r}; expected name=size with name one of "
+                f"{', '.join(MESH_AXES)}, e.g. data=2,fsdp=2,tensor=2"
+            )
         if name in sizes:
             raise ShardingError(f"--mesh {spec!r}: axis {name} given twice")
         try:
@@ -101,13 +107,17 @@ def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
     known = math.prod(v for v in sizes.values() if v != -1)
     if rest:
         if num_devices % known:
-            raise ShardingError(f"--mesh {spec!r}: {rest[0]}=-1 takes the rest of the devices, but {num_devices} "
-                                f"devices do not divide by the other axes' product {known}")
+            raise ShardingError(
+                f"--mesh {spec!r}: {rest[0]}=-1 takes the rest of the devices, but {num_devices} "
+                f"devices do not divide by the other axes' product {known}"
+            )
         sizes[rest[0]] = num_devices // known
     out = {a: sizes.get(a, 1) for a in MESH_AXES}
     if math.prod(out.values()) > num_devices:
-        raise ShardingError(f"--mesh {spec!r} needs {math.prod(out.values())} devices "
-                            f"({'x'.join(str(v) for v in out.values())}), but {num_devices} are available")
+        raise ShardingError(
+            f"--mesh {spec!r} needs {math.prod(out.values())} devices "
+            f"({'x'.join(str(v) for v in out.values())}), but {num_devices} are available"
+        )
     return out
 
 
@@ -117,14 +127,19 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence | N
     Axes are `Auto`: XLA propagates shardings from the inputs and the constraints, as the model expects
     (jax.make_mesh would default to Explicit axes, which need sharding in types)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = parse_mesh(spec, len(devices)) if spec is None or isinstance(spec, str) else \
-        {a: int(spec.get(a, 1)) for a in MESH_AXES}
+    sizes = (
+        parse_mesh(spec, len(devices))
+        if spec is None or isinstance(spec, str)
+        else {a: int(spec.get(a, 1)) for a in MESH_AXES}
+    )
     n = math.prod(sizes.values())
     if n < len(devices) and jax.process_count() > 1:
-        raise ShardingError(f"--mesh {spec!r} uses {n} of {len(devices)} devices; on several hosts the mesh "
-                            "must use every device")
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices[:n])
+        raise ShardingError(
+            f"--mesh {spec!r} uses {n} of {len(devices)} devices; on several hosts the mesh must use every device"
+        )
+    return jax.make_mesh(
+        tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices[:n]
+    )
 
 
 def mesh_sizes(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
@@ -151,6 +166,7 @@ def round_batch(batch_size: int, mesh: Mesh | Mapping[str, int]) -> int:
 
 # ---- rules and specs ----------------------------------------------------------------------------------------
 
+
 def rules_for(config: MistralConfig, mesh: Mesh | Mapping[str, int]) -> tuple[tuple[tuple, ...], list[str]]:
     """(the rules for this model on this mesh, notes saying where they depart from RULES).
 
@@ -162,8 +178,10 @@ def rules_for(config: MistralConfig, mesh: Mesh | Mapping[str, int]) -> tuple[tu
     if config.n_kv_heads % t == 0:
         return RULES, []
     rules = tuple((name, None if name == "kv_heads" else axes) for name, axes in RULES)
-    note = (f"kv_heads: n_kv_heads={config.n_kv_heads} does not divide over tensor={t}; wk, wv and the KV cache "
-            f"are replicated over tensor (each tensor device holds all {config.n_kv_heads} KV heads)")
+    note = (
+        f"kv_heads: n_kv_heads={config.n_kv_heads} does not divide over tensor={t}; wk, wv and the KV cache "
+        f"are replicated over tensor (each tensor device holds all {config.n_kv_heads} KV heads)"
+    )
     return rules, [note]
 
 
@@ -179,8 +197,7 @@ def _is_names(x) -> bool:
 def param_specs(config: MistralConfig, mesh: Mesh | Mapping[str, int], rules=None) -> Any:
     """The param tree with a PartitionSpec at each leaf."""
     rules = rules if rules is not None else rules_for(config, mesh)[0]
-    return jax.tree.map(lambda names: spec_for(names, rules), params_lib.param_logical_axes(config),
-                        is_leaf=_is_names)
+    return jax.tree.map(lambda names: spec_for(names, rules), params_lib.param_logical_axes(config), is_leaf=_is_names)
 
 
 def _axis_size(sizes: Mapping[str, int], entry) -> int:
@@ -202,8 +219,9 @@ def check_divisible(config: MistralConfig, mesh: Mesh | Mapping[str, int], rules
     sizes = mesh_sizes(mesh)
     axes = params_lib.param_logical_axes(config)
     shapes = params_lib.param_shapes(config)
-    for (path, names), shape in zip(jax.tree_util.tree_flatten_with_path(axes, is_leaf=_is_names)[0],
-                                    jax.tree.leaves(shapes)):
+    for (path, names), shape in zip(
+        jax.tree_util.tree_flatten_with_path(axes, is_leaf=_is_names)[0], jax.tree.leaves(shapes)
+    ):
         spec = spec_for(names, rules)
         for dim, name, entry in zip(shape.shape, names, tuple(spec) + (None,) * len(names)):
             n = _axis_size(sizes, entry)
@@ -214,14 +232,14 @@ def check_divisible(config: MistralConfig, mesh: Mesh | Mapping[str, int], rules
                 raise ShardingError(
                     f"mesh {describe(sizes)}: the model's {name} dimension ({field}={dim}, in {leaf} "
                     f"{tuple(shape.shape)}) does not divide over mesh axis {axis} of size {n}; choose a {axis} "
-                    f"size that divides {dim}")
+                    f"size that divides {dim}"
+                )
 
 
 def logical_shardings(logical_tree: Any, mesh: Mesh, rules=RULES) -> Any:
     """A tree of logical-name tuples -> the same tree of NamedShardings (e.g. LoRA adapters, whose module
     names their axes, 'lora_rank' for the rank)."""
-    return jax.tree.map(lambda names: NamedSharding(mesh, spec_for(names, rules)), logical_tree,
-                        is_leaf=_is_names)
+    return jax.tree.map(lambda names: NamedSharding(mesh, spec_for(names, rules)), logical_tree, is_leaf=_is_names)
 
 
 def like_params(tree: Any, param_shardings: Any, mesh: Mesh) -> Any:
@@ -254,6 +272,7 @@ def _key(k) -> str:
 
 # ---- activations: the context -----------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules=RULES):
     """Makes the model's logical constraints real: inside, `nn.with_logical_constraint` becomes
@@ -265,6 +284,7 @@ def activate(mesh: Mesh, rules=RULES):
 
 # ---- data in and out ----------------------------------------------------------------------------------------
 
+
 def batch_sharding(mesh: Mesh, ndim: int, rules=RULES) -> NamedSharding:
     """Rows split over the batch axes, other dimensions whole; scalars replicated."""
     return NamedSharding(mesh, spec_for(("batch",) + (None,) * (ndim - 1), rules) if ndim else P())
@@ -275,6 +295,7 @@ def place_batch(mesh: Mesh, *trees, rules=RULES):
 
     Every process passes the same full host batch; each builds only the rows its own devices hold
     (make_array_from_callback asks for local shards only). Returns one tree, or a tuple for several."""
+
     def put(x):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim, rules), lambda idx: x[idx])
@@ -286,6 +307,7 @@ def place_batch(mesh: Mesh, *trees, rules=RULES):
 def place_local_batch(mesh: Mesh, tree, rules=RULES):
     """Each process's own rows [B/P, ...] -> global arrays [B, ...] (training data: every process reads only
     its share, see distributed.process_shard)."""
+
     def put(x):
         x = np.asarray(x)
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x)
@@ -311,12 +333,13 @@ def cache_shardings(mesh: Mesh, rules=RULES) -> KVCache:
     return KVCache(**{k: NamedSharding(mesh, spec_for(names, rules)) for k, names in CACHE_AXES.items()})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_init(config: MistralConfig, batch: int, slots: int, dtype: str, shardings: KVCache):
     return jax.jit(functools.partial(KVCache.init, config, batch, slots, dtype), out_shardings=shardings)
 
 
 # ---- one model on one mesh ------------------------------------------------------------------------------------
+
 
 class ModelMesh:
     """A mesh with the rules for one model config: what the tools and the trainer hold on to.
@@ -329,8 +352,9 @@ class ModelMesh:
         self.rules, self.notes = rules_for(config, mesh)
         check_divisible(config, mesh, self.rules)
         self.param_specs = param_specs(config, mesh, self.rules)
-        self.param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), self.param_specs,
-                                            is_leaf=lambda x: isinstance(x, P))
+        self.param_shardings = jax.tree.map(
+            lambda s: NamedSharding(mesh, s), self.param_specs, is_leaf=lambda x: isinstance(x, P)
+        )
 
     @property
     def data_parallel_size(self) -> int:
@@ -343,8 +367,9 @@ class ModelMesh:
         return activate(self.mesh, self.rules)
 
     @classmethod
-    def build(cls, config: MistralConfig, spec: str | Mapping[str, int] | None = None,
-              devices: Sequence | None = None) -> "ModelMesh":
+    def build(
+        cls, config: MistralConfig, spec: str | Mapping[str, int] | None = None, devices: Sequence | None = None
+    ) -> ModelMesh:
         """The mesh of `spec` (see parse_mesh; default: every device on fsdp) for `config`."""
         return cls(make_mesh(spec, devices), config)
 
@@ -355,8 +380,9 @@ class ModelMesh:
     def init_params(self, rng, dtype: str = "float32"):
         """Random params created sharded: the initialiser runs under jit with the param shardings as outputs,
         so no device ever holds the whole model."""
-        init = jax.jit(functools.partial(params_lib.init_params, self.config, dtype=dtype),
-                       out_shardings=self.param_shardings)
+        init = jax.jit(
+            functools.partial(params_lib.init_params, self.config, dtype=dtype), out_shardings=self.param_shardings
+        )
         with self.activate():
             return init(rng)
 
@@ -393,8 +419,12 @@ def per_device_bytes(x: jax.Array) -> dict[Any, int]:
 
 
 def add_mesh_arg(parser) -> None:
-    parser.add_argument("--mesh", default=None, metavar="SPEC",
-                        help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 = the rest of the devices); "
-                             "default: inference puts heads and the MLP on tensor and the batch on data "
-                             "(fsdp when the model does not fit so), training every device on fsdp. "
-                             "See docs/scaling.md")
+    parser.add_argument(
+        "--mesh",
+        default=None,
+        metavar="SPEC",
+        help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 = the rest of the devices); "
+        "default: inference puts heads and the MLP on tensor and the batch on data "
+        "(fsdp when the model does not fit so), training every device on fsdp. "
+        "See docs/scaling.md",
+    )

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import operator
 import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from sentencepiece import SentencePieceProcessor
 
@@ -91,7 +92,7 @@ class Tokenizer:
             self._end_inst = processor.piece_to_id("[/INST]")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, version: str | None = None) -> "Tokenizer":
+    def from_file(cls, path: str | os.PathLike, version: str | None = None) -> Tokenizer:
         """Load a SentencePiece ``.model`` file (any file name).
 
         ``version`` overrides detection between v2 and v3 (see ``_detect_version``).
@@ -273,8 +274,11 @@ def _normalize(messages: Sequence[Mapping[str, Any]]) -> tuple[list[_Turn], str 
     return turns, system_prompt
 
 
-_MISTRAL_COMMON_FILES = {"v1": "tokenizer.model.v1", "v2": "mistral_instruct_tokenizer_240216.model.v2",
-                         "v3": "mistral_instruct_tokenizer_240323.model.v3"}
+_MISTRAL_COMMON_FILES = {
+    "v1": "tokenizer.model.v1",
+    "v2": "mistral_instruct_tokenizer_240216.model.v2",
+    "v3": "mistral_instruct_tokenizer_240323.model.v3",
+}
 
 
 def mistral_common_tokenizer(version: str = "v1") -> str:
@@ -287,8 +291,10 @@ def mistral_common_tokenizer(version: str = "v1") -> str:
         raise ValueError(f"version must be one of {sorted(_MISTRAL_COMMON_FILES)}, got {version!r}")
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the mistral-common package is not installed (pip install mistral-common); "
-                                "it ships the Mistral tokenizer files")
+        raise FileNotFoundError(
+            "the mistral-common package is not installed (pip install mistral-common); "
+            "it ships the Mistral tokenizer files"
+        )
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", _MISTRAL_COMMON_FILES[version])
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found in the installed mistral-common")

@@ -30,13 +30,16 @@ def checkpoint_manager(directory: str, keep: int):
     import orbax.checkpoint as ocp
     from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-    policy = pp.AnyPreservationPolicy([
-        pp.LatestN(n=keep),
-        # BestN sorts ascending and keeps the tail: reverse=True puts the lowest loss last.
-        pp.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False),
-    ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
-                                           cleanup_tmp_directories=True, create=True)
+    policy = pp.AnyPreservationPolicy(
+        [
+            pp.LatestN(n=keep),
+            # BestN sorts ascending and keeps the tail: reverse=True puts the lowest loss last.
+            pp.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True
+    )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -75,8 +78,9 @@ class RunCheckpoints:
         for step in steps:
             if self._has_record(step):
                 try:
-                    got = self.manager.restore(step, args=ocp.args.Composite(**{run_dir.RECORD:
-                                                                                ocp.args.JsonRestore()}))
+                    got = self.manager.restore(
+                        step, args=ocp.args.Composite(**{run_dir.RECORD: ocp.args.JsonRestore()})
+                    )
                 except Exception:  # a damaged record: restore_newest names it
                     continue
                 run_dir.check_resume(got[run_dir.RECORD], step, self.cfg, self.fingerprint)
@@ -99,8 +103,9 @@ class RunCheckpoints:
                 raise ValueError(f"checksum mismatch in state{bad}: its bytes changed after it was saved")
         return TrainState.from_dict(got["state"]), got["data"]
 
-    def restore_newest(self, steps: list[int], abstract: TrainState, state_sh: TrainState, data: DataIterator,
-                       changed: list[str]) -> tuple[int, TrainState]:
+    def restore_newest(
+        self, steps: list[int], abstract: TrainState, state_sh: TrainState, data: DataIterator, changed: list[str]
+    ) -> tuple[int, TrainState]:
         """(step, state) of the newest checkpoint that restores; `data` continues from its position."""
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
         # Once one step has a record every later one has it: a step without one is damaged.
@@ -115,26 +120,32 @@ class RunCheckpoints:
             if not _everywhere(error is None):
                 error = error or ValueError("another process could not restore its shards")
                 then = f"; falling back to step {steps[i + 1]}" if i + 1 < len(steps) else ""
-                self.log(f"warning: checkpoint {step} of {self.dir} does not restore ({run_dir.one_line(error)})"
-                         f"{then}")
+                self.log(f"warning: checkpoint {step} of {self.dir} does not restore ({run_dir.one_line(error)}){then}")
                 failed.append((step, error))
                 continue
             try:
                 data.restore(data_state)
             except ValueError:  # checkpoints from before records: the batch size or the data changed
-                raise ResumeError(f"cannot resume {self.cfg.output} from step {step}: its data position "
-                                  f"{data_state} does not fit {self.cfg.train} in batches of {self.cfg.batch_size}; "
-                                  "run again with the data and batch size it was saved with, or pass a new --output "
-                                  "to start a new run") from None
+                raise ResumeError(
+                    f"cannot resume {self.cfg.output} from step {step}: its data position "
+                    f"{data_state} does not fit {self.cfg.train} in batches of {self.cfg.batch_size}; "
+                    "run again with the data and batch size it was saved with, or pass a new --output "
+                    "to start a new run"
+                ) from None
             if failed:
                 self._set_aside([s for s, _ in failed])
             self.log(f"resuming from {self.dir}/{step} (step {int(state.step)}, data {data_state})")
             return step, state
-        hint = (f"; settings changed since the previous start: {', '.join(changed)} (run again with the previous "
-                "ones)") if changed else ""
-        raise ResumeError(f"no checkpoint of {self.cfg.output} restores (steps {', '.join(map(str, steps))}; step "
-                          f"{failed[0][0]}: {run_dir.one_line(failed[0][1], 200)}){hint}; move {self.dir} aside to "
-                          "start the run over")
+        hint = (
+            (f"; settings changed since the previous start: {', '.join(changed)} (run again with the previous ones)")
+            if changed
+            else ""
+        )
+        raise ResumeError(
+            f"no checkpoint of {self.cfg.output} restores (steps {', '.join(map(str, steps))}; step "
+            f"{failed[0][0]}: {run_dir.one_line(failed[0][1], 200)}){hint}; move {self.dir} aside to "
+            "start the run over"
+        )
 
     def _set_aside(self, steps: list[int]) -> None:
         if distributed.is_main():
@@ -156,10 +167,18 @@ class RunCheckpoints:
 
         tree = state.as_dict()
         record = run_dir.record(self.cfg, self.fingerprint, run_dir.checksums(tree))
-        self.manager.save(step, args=ocp.args.Composite(**{"state": ocp.args.StandardSave(tree),
-                                                           "data": ocp.args.JsonSave(data_state),
-                                                           run_dir.RECORD: ocp.args.JsonSave(record)}),
-                          metrics=None if eval_loss is None else {"eval_loss": eval_loss}, force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    "state": ocp.args.StandardSave(tree),
+                    "data": ocp.args.JsonSave(data_state),
+                    run_dir.RECORD: ocp.args.JsonSave(record),
+                }
+            ),
+            metrics=None if eval_loss is None else {"eval_loss": eval_loss},
+            force=True,
+        )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

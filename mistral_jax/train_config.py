@@ -37,40 +37,48 @@ class TrainConfig:
     """One fine-tuning run. YAML files (configs/*.yaml) hold these keys; command-line flags override them."""
 
     # ---- model and data
-    init: str = ""                  # our checkpoint dir, a transformers / Mistral dir, or a preset (random init)
-    train: str = ""                 # JSONL: {"messages": [...]} or {"prompt", "completion"} per row
-    eval: str | None = None         # held-out JSONL of the same format: eval loss and perplexity
-    output: str = ""                # the run directory (see trainer.py)
-    tokenizer: str | None = None    # sentencepiece file; default tokenizer.model in `init`;
-                                    # "mistral-common:v1" = the v1 file that the mistral-common package ships
+    init: str = ""  # our checkpoint dir, a transformers / Mistral dir, or a preset (random init)
+    train: str = ""  # JSONL: {"messages": [...]} or {"prompt", "completion"} per row
+    eval: str | None = None  # held-out JSONL of the same format: eval loss and perplexity
+    output: str = ""  # the run directory (see trainer.py)
+    tokenizer: str | None = None  # sentencepiece file; default tokenizer.model in `init`;
+    # "mistral-common:v1" = the v1 file that the mistral-common package ships
     model: dict = dataclasses.field(default_factory=dict)  # MistralConfig overrides, e.g. {dim: 128} on a preset
-    bad_rows: str = "skip"          # bad training rows: "skip" (reported) or "error"
+    bad_rows: str = "skip"  # bad training rows: "skip" (reported) or "error"
     # ---- batch and loop
-    seq_len: int = 2048             # tokens per packed row
-    batch_size: int = 8             # rows per optimizer step (global, over all devices)
-    grad_accum: int = 1             # microbatches per step (batch_size / grad_accum rows each)
-    steps: int = 1000               # optimizer steps of the run (and the schedule's length unless it says)
-    max_bad_steps: int = 10         # abort after this many non-finite losses in a row (each one is skipped)
+    seq_len: int = 2048  # tokens per packed row
+    batch_size: int = 8  # rows per optimizer step (global, over all devices)
+    grad_accum: int = 1  # microbatches per step (batch_size / grad_accum rows each)
+    steps: int = 1000  # optimizer steps of the run (and the schedule's length unless it says)
+    max_bad_steps: int = 10  # abort after this many non-finite losses in a row (each one is skipped)
     # ---- what is trained, and how
     optimizer: OptimizerConfig = OptimizerConfig()
     lora: LoraConfig | None = None  # None: full fine-tuning
     numerics: Numerics = TRAIN_NUMERICS  # LoRA's frozen base weights are kept in numerics.dtype
     # ---- checkpoints, evaluation, logging
     checkpoint_every: int = 500
-    keep_checkpoints: int = 3       # the last K, plus the best by eval loss
-    eval_every: int = 500           # 0 = at the end only; evaluate at checkpoint steps to rank them
+    keep_checkpoints: int = 3  # the last K, plus the best by eval loss
+    eval_every: int = 500  # 0 = at the end only; evaluate at checkpoint steps to rank them
     log_every: int = 10
-    tensorboard: bool = False       # also write OUTPUT/tensorboard (needs tensorboardX or tensorboard)
-    progress: bool = True           # tqdm progress bar
-    seed: int = 0                   # random init, LoRA init, dropout, data order
-    mesh: str | None = None         # e.g. "fsdp=8" or "data=2,fsdp=4" (sharding.py); None = every device on fsdp
+    tensorboard: bool = False  # also write OUTPUT/tensorboard (needs tensorboardX or tensorboard)
+    progress: bool = True  # tqdm progress bar
+    seed: int = 0  # random init, LoRA init, dropout, data order
+    mesh: str | None = None  # e.g. "fsdp=8" or "data=2,fsdp=4" (sharding.py); None = every device on fsdp
 
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"TrainConfig: {msg}")
 
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "checkpoint_every", "keep_checkpoints",
-                     "log_every", "max_bad_steps"):
+        for name in (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "max_bad_steps",
+        ):
             if getattr(self, name) <= 0:
                 bad(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("eval_every", "seed"):
@@ -108,8 +116,9 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "config", note: Callable[[str], None] | None = None,
-                  **overrides) -> TrainConfig:
+    def from_dict(
+        cls, d: dict, where: str = "config", note: Callable[[str], None] | None = None, **overrides
+    ) -> TrainConfig:
         """From a nested mapping (v0.1's flat keys are moved into their sections, with a note); `overrides`
         (None = not given) take flat or top-level names, as the command-line flags do."""
         if not isinstance(d, dict):
@@ -135,8 +144,12 @@ NUMERICS_FIELDS = tuple(f.name for f in dataclasses.fields(Numerics))
 # v0.1's flat keys -> (section, field).
 LEGACY_KEYS: dict[str, tuple[str, str]] = {
     **{k: ("optimizer", k) for k in ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "clip_norm")},
-    "adam_b1": ("optimizer", "b1"), "adam_b2": ("optimizer", "b2"), "adam_eps": ("optimizer", "eps"),
-    "lora_rank": ("lora", "rank"), "lora_alpha": ("lora", "alpha"), "lora_dropout": ("lora", "dropout"),
+    "adam_b1": ("optimizer", "b1"),
+    "adam_b2": ("optimizer", "b2"),
+    "adam_eps": ("optimizer", "eps"),
+    "lora_rank": ("lora", "rank"),
+    "lora_alpha": ("lora", "alpha"),
+    "lora_dropout": ("lora", "dropout"),
     "lora_targets": ("lora", "targets"),
     **{k: ("numerics", k) for k in NUMERICS_FIELDS},
 }
@@ -167,8 +180,10 @@ def upgrade(d: dict, where: str = "config", note: Callable[[str], None] = _note)
     if not nested_lora and isinstance(data.get("lora"), dict) and "rank" not in data["lora"]:
         data["lora"] = None  # lora_* settings without lora_rank: v0.1 trained the full model
     if moved:
-        note(f"note: {where}: v0.1 keys {', '.join(moved)} read into optimizer / lora / numerics "
-             "(configs/*.yaml show the nested form)")
+        note(
+            f"note: {where}: v0.1 keys {', '.join(moved)} read into optimizer / lora / numerics "
+            "(configs/*.yaml show the nested form)"
+        )
     return data
 
 
@@ -196,21 +211,24 @@ def _set(data: dict, key: str, value) -> None:
 
 # ---- what the config points at ----------------------------------------------------------------------------------
 
+
 def resolve_tokenizer(cfg: TrainConfig) -> str:
     """The tokenizer file of the run: `cfg.tokenizer`, else tokenizer.model in the init checkpoint."""
     from .tokenizer import mistral_common_tokenizer
 
     if cfg.tokenizer:
         if cfg.tokenizer.startswith(MISTRAL_COMMON_PREFIX):
-            return mistral_common_tokenizer(cfg.tokenizer[len(MISTRAL_COMMON_PREFIX):])
+            return mistral_common_tokenizer(cfg.tokenizer[len(MISTRAL_COMMON_PREFIX) :])
         if not os.path.isfile(cfg.tokenizer):
             raise FileNotFoundError(f"tokenizer file not found: {cfg.tokenizer}")
         return cfg.tokenizer
     path = os.path.join(cfg.init, "tokenizer.model")
     if os.path.isfile(path):
         return path
-    raise ValueError(f"no tokenizer: {cfg.init!r} has no tokenizer.model; pass --tokenizer PATH "
-                     f"(or {MISTRAL_COMMON_PREFIX}v1 for the v1 file that mistral-common ships)")
+    raise ValueError(
+        f"no tokenizer: {cfg.init!r} has no tokenizer.model; pass --tokenizer PATH "
+        f"(or {MISTRAL_COMMON_PREFIX}v1 for the v1 file that mistral-common ships)"
+    )
 
 
 def model_config(cfg: TrainConfig) -> MistralConfig:
@@ -218,8 +236,9 @@ def model_config(cfg: TrainConfig) -> MistralConfig:
     if cfg.init in PRESETS:
         return get_preset(cfg.init, **cfg.model)
     if not os.path.exists(cfg.init):
-        raise FileNotFoundError(f"init {cfg.init!r} is neither a checkpoint directory nor a preset "
-                                f"({', '.join(PRESETS)})")
+        raise FileNotFoundError(
+            f"init {cfg.init!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})"
+        )
     from . import checkpoint
 
     return checkpoint.load_config(cfg.init, **cfg.model)

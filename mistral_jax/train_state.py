@@ -26,18 +26,24 @@ Params = Any
 class TrainState:
     """Everything a step reads and writes; a resumed run restores it and continues bit for bit."""
 
-    step: jax.Array        # int32 []: batches consumed so far (skipped ones included)
-    params: Params         # the trainable tree: the full params, or only the LoRA adapters (the base is frozen)
-    opt_state: Any         # optax state of `params` only: frozen base weights get no optimizer state
-    rng: jax.Array         # uint32 [2] key data; step i draws from fold_in(rng, i), so a resumed run draws the same
+    step: jax.Array  # int32 []: batches consumed so far (skipped ones included)
+    params: Params  # the trainable tree: the full params, or only the LoRA adapters (the base is frozen)
+    opt_state: Any  # optax state of `params` only: frozen base weights get no optimizer state
+    rng: jax.Array  # uint32 [2] key data; step i draws from fold_in(rng, i), so a resumed run draws the same
     bad_streak: jax.Array  # int32 []: non-finite losses in a row (the trainer aborts past a limit)
-    skipped: jax.Array     # int32 []: updates skipped in total; the optimizer has applied `step - skipped`
+    skipped: jax.Array  # int32 []: updates skipped in total; the optimizer has applied `step - skipped`
 
     @classmethod
     def create(cls, params: Params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
         """The state at step 0 for the trainable `params` (pure: jit it with out_shardings to create it sharded)."""
-        return cls(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-                   rng=jax.random.key_data(jax.random.key(seed)), bad_streak=jnp.int32(0), skipped=jnp.int32(0))
+        return cls(
+            step=jnp.int32(0),
+            params=params,
+            opt_state=optimizer.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)),
+            bad_streak=jnp.int32(0),
+            skipped=jnp.int32(0),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """The checkpoint layout: {field name: value}."""

@@ -44,11 +44,11 @@ class OptimizerConfig:
     total_steps: int | None = None
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0       # never applied to norm scales
+    weight_decay: float = 0.0  # never applied to norm scales
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    clip_norm: float | None = 1.0   # global-norm clipping; None or 0 = off
+    clip_norm: float | None = 1.0  # global-norm clipping; None or 0 = off
 
     def __post_init__(self):
         def bad(msg):
@@ -80,12 +80,14 @@ def decay_mask(params: Params) -> Params:
     """True on the leaves that get weight decay: everything but the norm scales (whose 1.0 is no bias to
     shrink towards 0). Norm leaves are [L, D] once stacked, so they are told apart by name, not rank."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any("norm" in str(getattr(k, "key", "")) for k in path), params)
+        lambda path, _: not any("norm" in str(getattr(k, "key", "")) for k in path), params
+    )
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(cfg.schedule(), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=decay_mask)
+    adamw = optax.adamw(
+        cfg.schedule(), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+    )
     if cfg.clip_norm:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     return adamw
@@ -93,14 +95,23 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
 # ---- loss --------------------------------------------------------------------------------------------------
 
+
 def token_nll(logits, targets):
     """logits [B, T, V] float32, targets [B, T] -> -log p(target) [B, T], without a second [B, T, V] array."""
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
-def loss_sums(trainable: Params, frozen: Params | None, batch: dict, *, config: MistralConfig,
-              numerics: Numerics = F32, lora_spec: LoraConfig | None = None, dropout_rng=None):
+def loss_sums(
+    trainable: Params,
+    frozen: Params | None,
+    batch: dict,
+    *,
+    config: MistralConfig,
+    numerics: Numerics = F32,
+    lora_spec: LoraConfig | None = None,
+    dropout_rng=None,
+):
     """(sum of the token NLL over loss_mask, number of loss tokens), both float32 scalars.
 
     Sums, not a mean, so that microbatches and data-parallel shards add up to the exact big-batch loss:
@@ -110,8 +121,9 @@ def loss_sums(trainable: Params, frozen: Params | None, batch: dict, *, config: 
         params = trainable
     else:
         params = lora_lib.attach(frozen, trainable, lora_spec, dropout_rng)
-    logits = model_lib.forward(params, batch["tokens"], batch["positions"], batch["segment_ids"], config=config,
-                               numerics=numerics)
+    logits = model_lib.forward(
+        params, batch["tokens"], batch["positions"], batch["segment_ids"], config=config, numerics=numerics
+    )
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(token_nll(logits, batch["targets"]) * mask), jnp.sum(mask)
 
@@ -119,16 +131,27 @@ def loss_sums(trainable: Params, frozen: Params | None, batch: dict, *, config: 
 def _microbatches(batch: dict, n: int) -> dict:
     """[B, ...] -> [n, B/n, ...]. Microbatch i takes rows i, i+n, i+2n...: with the batch sharded in
     contiguous blocks over the data axes, every device then holds a share of every microbatch."""
+
     def split(x):
         b = x.shape[0]
         if b % n:
             raise ValueError(f"batch size {b} is not a multiple of grad_accum {n}")
         return x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
+
     return jax.tree.map(split, batch)
 
 
-def accumulate_grads(trainable: Params, frozen: Params | None, batch: dict, rng, *, config: MistralConfig,
-                     numerics: Numerics = F32, lora_spec: LoraConfig | None = None, grad_accum: int = 1):
+def accumulate_grads(
+    trainable: Params,
+    frozen: Params | None,
+    batch: dict,
+    rng,
+    *,
+    config: MistralConfig,
+    numerics: Numerics = F32,
+    lora_spec: LoraConfig | None = None,
+    grad_accum: int = 1,
+):
     """(grads, loss, loss-token count) of the global `batch` [B, T], run as `grad_accum` microbatches of
     B / grad_accum rows (a scan, so one microbatch's activations live at a time).
 
@@ -157,9 +180,18 @@ def accumulate_grads(trainable: Params, frozen: Params | None, batch: dict, rng,
     return grads, loss_sum / denom, count
 
 
-def train_step(state: TrainState, frozen: Params | None, batch: dict, *, config: MistralConfig,
-               numerics: Numerics, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               lora_spec: LoraConfig | None = None, grad_accum: int = 1) -> tuple[TrainState, dict]:
+def train_step(
+    state: TrainState,
+    frozen: Params | None,
+    batch: dict,
+    *,
+    config: MistralConfig,
+    numerics: Numerics,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    lora_spec: LoraConfig | None = None,
+    grad_accum: int = 1,
+) -> tuple[TrainState, dict]:
     """One optimizer step on the global `batch` (see accumulate_grads for the gradient).
 
     A non-finite loss or gradient norm leaves params and opt_state as they were and bumps bad_streak and
@@ -167,25 +199,37 @@ def train_step(state: TrainState, frozen: Params | None, batch: dict, *, config:
     (non-padding inputs), skipped, and the new bad_streak and skipped_total)."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     trainable = state.params
-    grads, loss, count = accumulate_grads(trainable, frozen, batch, rng, config=config, numerics=numerics,
-                                          lora_spec=lora_spec, grad_accum=grad_accum)
+    grads, loss, count = accumulate_grads(
+        trainable, frozen, batch, rng, config=config, numerics=numerics, lora_spec=lora_spec, grad_accum=grad_accum
+    )
     grad_norm = optax.tree.norm(grads)
 
     updates, new_opt = optimizer.update(grads, state.opt_state, trainable)
     new_params = optax.apply_updates(trainable, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
-    new_state = state.replace(step=state.step + 1, params=keep(new_params, trainable),
-                              opt_state=keep(new_opt, state.opt_state),
-                              bad_streak=jnp.where(ok, 0, state.bad_streak + 1).astype(jnp.int32),
-                              skipped=state.skipped + (~ok).astype(jnp.int32))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - state.skipped),
-               "loss_tokens": count, "tokens": jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32),
-               "skipped": ~ok, "bad_streak": new_state.bad_streak, "skipped_total": new_state.skipped}
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, trainable),
+        opt_state=keep(new_opt, state.opt_state),
+        bad_streak=jnp.where(ok, 0, state.bad_streak + 1).astype(jnp.int32),
+        skipped=state.skipped + (~ok).astype(jnp.int32),
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": schedule(state.step - state.skipped),
+        "loss_tokens": count,
+        "tokens": jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32),
+        "skipped": ~ok,
+        "bad_streak": new_state.bad_streak,
+        "skipped_total": new_state.skipped,
+    }
     return new_state, metrics
 
 
 # ---- jitted, and laid out on a mesh ---------------------------------------------------------------------------
+
 
 def trainable_shardings(mm, config: MistralConfig, lora_spec: LoraConfig | None = None):
     """Shardings of the trainable tree on the sharding.ModelMesh `mm`: the params' for full fine-tuning, the
@@ -208,17 +252,26 @@ def trainable_shapes(config: MistralConfig, numerics: Numerics, lora_spec: LoraC
     return lora_lib.lora_shapes(config, lora_spec)
 
 
-def layout(mm, config: MistralConfig, numerics: Numerics, opt_cfg: OptimizerConfig,
-           lora_spec: LoraConfig | None = None) -> tuple[TrainState, TrainState]:
+def layout(
+    mm, config: MistralConfig, numerics: Numerics, opt_cfg: OptimizerConfig, lora_spec: LoraConfig | None = None
+) -> tuple[TrainState, TrainState]:
     """(abstract state, its shardings) of a run on the ModelMesh `mm`."""
     optimizer = make_optimizer(opt_cfg)
-    abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer, 0),
-                              trainable_shapes(config, numerics, lora_spec))
+    abstract = jax.eval_shape(
+        lambda p: TrainState.create(p, optimizer, 0), trainable_shapes(config, numerics, lora_spec)
+    )
     return abstract, state_shardings(mm, abstract, trainable_shardings(mm, config, lora_spec))
 
 
-def jit_train_step(config: MistralConfig, opt_cfg: OptimizerConfig, *, numerics: Numerics = F32,
-                   lora_spec: LoraConfig | None = None, grad_accum: int = 1, mm=None) -> Callable:
+def jit_train_step(
+    config: MistralConfig,
+    opt_cfg: OptimizerConfig,
+    *,
+    numerics: Numerics = F32,
+    lora_spec: LoraConfig | None = None,
+    grad_accum: int = 1,
+    mm=None,
+) -> Callable:
     """jit(train_step) with the state donated: (state, frozen, batch) -> (state, metrics). With the
     sharding.ModelMesh `mm` the inputs and the new state are pinned to the trainer's layout (trace it inside
     mm.activate()). Cached on its settings and mesh, so runs of one process that share them (a resumed run,
@@ -228,19 +281,26 @@ def jit_train_step(config: MistralConfig, opt_cfg: OptimizerConfig, *, numerics:
 
 @functools.lru_cache(maxsize=16)
 def _jit_train_step(config, numerics, opt_cfg, lora_spec, grad_accum, mesh):
-    fn = functools.partial(train_step, config=config, numerics=numerics, optimizer=make_optimizer(opt_cfg),
-                           schedule=opt_cfg.schedule(), lora_spec=lora_spec, grad_accum=grad_accum)
+    fn = functools.partial(
+        train_step,
+        config=config,
+        numerics=numerics,
+        optimizer=make_optimizer(opt_cfg),
+        schedule=opt_cfg.schedule(),
+        lora_spec=lora_spec,
+        grad_accum=grad_accum,
+    )
     if mesh is None:
         return jax.jit(fn, donate_argnums=0)
     mm = ModelMesh(mesh, config)
     _, state_sh = layout(mm, config, numerics, opt_cfg, lora_spec)
     frozen_sh = None if lora_spec is None else mm.param_shardings
-    return jax.jit(fn, donate_argnums=0, in_shardings=(state_sh, frozen_sh, batch_shardings(mm)),
-                   out_shardings=(state_sh, None))
+    return jax.jit(
+        fn, donate_argnums=0, in_shardings=(state_sh, frozen_sh, batch_shardings(mm)), out_shardings=(state_sh, None)
+    )
 
 
 @functools.lru_cache(maxsize=16)
-def jit_eval_step(config: MistralConfig, numerics: Numerics = F32,
-                  lora_spec: LoraConfig | None = None) -> Callable:
+def jit_eval_step(config: MistralConfig, numerics: Numerics = F32, lora_spec: LoraConfig | None = None) -> Callable:
     """jit(loss_sums) without dropout: (trainable, frozen, batch) -> (NLL sum, loss-token count)."""
     return jax.jit(functools.partial(loss_sums, config=config, numerics=numerics, lora_spec=lora_spec))

@@ -10,15 +10,27 @@ norms 1 +- 0.3) so that windowing / rotary mistakes change the logits visibly; H
 default init (std 0.02) makes attention almost uniform and hides such bugs.
 Note: MistralConfig defaults sliding_window to 4096, pass sliding_window=None for none.
 """
+
 import copy
 
 import numpy as np
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-DEFAULTS = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, vocab_size=101, sliding_window=8, rope_theta=10000.0,
-                rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=False)
+DEFAULTS = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=101,
+    sliding_window=8,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 
 
 def make_hf_model(seed, linear_std=0.2, embed_std=1.0, norm_spread=0.3, **config_overrides):

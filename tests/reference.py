@@ -7,6 +7,7 @@ Sliding window: query at absolute position i attends key j iff j <= i and i - j 
 W = None -> plain causal. The rule uses the given positions (same as indices for contiguous positions, which is
 all transformers supports: it builds its mask from sequence indices and treats position jumps as packing).
 """
+
 import numpy as np
 
 
@@ -21,7 +22,7 @@ def _silu(x):
 def _rope_halves(x, pos, theta):  # x [B,T,H,D]; pairs (x_k, x_{k+D/2}), as HF rotate_half
     d = x.shape[-1]
     ang = pos[:, :, None, None] * theta ** (-np.arange(0, d, 2) / d)  # [B,T,1,D/2]
-    cos, sin, a, b = np.cos(ang), np.sin(ang), x[..., : d // 2], x[..., d // 2:]
+    cos, sin, a, b = np.cos(ang), np.sin(ang), x[..., : d // 2], x[..., d // 2 :]
     return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
@@ -41,7 +42,7 @@ def _forward(w, tokens, positions, *, n_layers, n_heads, n_kv, head_dim, eps, wi
     diff = pos[:, :, None] - pos[:, None, :]  # [B, Tq, Tk] = i - j
     allowed = (diff >= 0) & ((diff < window) if window is not None else True)
     for layer in range(n_layers):
-        g = lambda k: f(names[k].format(layer))  # noqa: E731
+        g = lambda k, layer=layer: f(names[k].format(layer))  # noqa: E731
         x = _rms_norm(h, g("attn_norm"), eps)
         q = rope((x @ g("wq").T).reshape(B, T, n_heads, head_dim), pos, theta)
         k = rope((x @ g("wk").T).reshape(B, T, n_kv, head_dim), pos, theta)
@@ -58,17 +59,27 @@ def _forward(w, tokens, positions, *, n_layers, n_heads, n_kv, head_dim, eps, wi
     return _rms_norm(h, f(names["norm"]), eps) @ f(head).T
 
 
-HF_NAMES = dict(embed="model.embed_tokens.weight", norm="model.norm.weight", head="lm_head.weight",
-                attn_norm="model.layers.{}.input_layernorm.weight",
-                ffn_norm="model.layers.{}.post_attention_layernorm.weight",
-                **{n: "model.layers.{}.self_attn.%s_proj.weight" % p for n, p in
-                   [("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o")]},
-                **{n: "model.layers.{}.mlp.%s_proj.weight" % p for n, p in
-                   [("w1", "gate"), ("w3", "up"), ("w2", "down")]})
-NATIVE_NAMES = dict(embed="tok_embeddings.weight", norm="norm.weight", head="output.weight",
-                    attn_norm="layers.{}.attention_norm.weight", ffn_norm="layers.{}.ffn_norm.weight",
-                    **{n: "layers.{}.attention.%s.weight" % n for n in ("wq", "wk", "wv", "wo")},
-                    **{n: "layers.{}.feed_forward.%s.weight" % n for n in ("w1", "w2", "w3")})
+HF_NAMES = dict(
+    embed="model.embed_tokens.weight",
+    norm="model.norm.weight",
+    head="lm_head.weight",
+    attn_norm="model.layers.{}.input_layernorm.weight",
+    ffn_norm="model.layers.{}.post_attention_layernorm.weight",
+    **{
+        n: "model.layers.{}.self_attn.%s_proj.weight" % p
+        for n, p in [("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o")]
+    },
+    **{n: "model.layers.{}.mlp.%s_proj.weight" % p for n, p in [("w1", "gate"), ("w3", "up"), ("w2", "down")]},
+)
+NATIVE_NAMES = dict(
+    embed="tok_embeddings.weight",
+    norm="norm.weight",
+    head="output.weight",
+    attn_norm="layers.{}.attention_norm.weight",
+    ffn_norm="layers.{}.ffn_norm.weight",
+    **{n: "layers.{}.attention.%s.weight" % n for n in ("wq", "wk", "wv", "wo")},
+    **{n: "layers.{}.feed_forward.%s.weight" % n for n in ("w1", "w2", "w3")},
+)
 
 
 def _hf_theta(cfg):
@@ -79,18 +90,37 @@ def forward_hf(weights, cfg, tokens, positions=None):
     w = dict(weights)
     if cfg.get("tie_word_embeddings"):
         w.pop("lm_head.weight", None)  # falls back to the embedding
-    return _forward(w, tokens, positions, n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                    n_kv=cfg["num_key_value_heads"],
-                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
-                    eps=cfg["rms_norm_eps"], window=cfg.get("sliding_window"), theta=_hf_theta(cfg),
-                    rope=_rope_halves, names=HF_NAMES)
+    return _forward(
+        w,
+        tokens,
+        positions,
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=cfg["num_attention_heads"],
+        n_kv=cfg["num_key_value_heads"],
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+        eps=cfg["rms_norm_eps"],
+        window=cfg.get("sliding_window"),
+        theta=_hf_theta(cfg),
+        rope=_rope_halves,
+        names=HF_NAMES,
+    )
 
 
 def forward_native(weights, params, tokens, positions=None):
-    return _forward(weights, tokens, positions, n_layers=params["n_layers"], n_heads=params["n_heads"],
-                    n_kv=params["n_kv_heads"], head_dim=params["head_dim"], eps=params["norm_eps"],
-                    window=params.get("sliding_window"), theta=float(params.get("rope_theta") or 10000.0),
-                    rope=_rope_interleaved, names=NATIVE_NAMES)
+    return _forward(
+        weights,
+        tokens,
+        positions,
+        n_layers=params["n_layers"],
+        n_heads=params["n_heads"],
+        n_kv=params["n_kv_heads"],
+        head_dim=params["head_dim"],
+        eps=params["norm_eps"],
+        window=params.get("sliding_window"),
+        theta=float(params.get("rope_theta") or 10000.0),
+        rope=_rope_interleaved,
+        names=NATIVE_NAMES,
+    )
 
 
 def _unpermute(w, n_heads):  # HF rows [head, half, k] -> native rows [head, k, re/im]
@@ -100,10 +130,18 @@ def _unpermute(w, n_heads):  # HF rows [head, half, k] -> native rows [head, k, 
 
 def hf_to_native(weights, cfg):
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    params = dict(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-                  head_dim=cfg.get("head_dim") or cfg["hidden_size"] // nh, hidden_dim=cfg["intermediate_size"],
-                  n_heads=nh, n_kv_heads=nkv, norm_eps=cfg["rms_norm_eps"], vocab_size=cfg["vocab_size"],
-                  sliding_window=cfg.get("sliding_window"), rope_theta=_hf_theta(cfg))
+    params = dict(
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // nh,
+        hidden_dim=cfg["intermediate_size"],
+        n_heads=nh,
+        n_kv_heads=nkv,
+        norm_eps=cfg["rms_norm_eps"],
+        vocab_size=cfg["vocab_size"],
+        sliding_window=cfg.get("sliding_window"),
+        rope_theta=_hf_theta(cfg),
+    )
     out = {}
     for key in ("embed", "norm", "head"):
         if HF_NAMES[key] in weights and not (key == "head" and cfg.get("tie_word_embeddings")):

@@ -14,8 +14,7 @@ MESHES = ("fsdp=8", "tensor=8")
 
 def test_tpu_programs_compile_for_v5e_8():
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for mesh in MESHES:
@@ -53,8 +52,17 @@ def _worker() -> dict:
     from mistral_jax.lora import LoraConfig
 
     # Mistral's head size and GQA ratio at small width: 8 KV heads split over tensor=8.
-    config = MistralConfig(vocab_size=1024, dim=512, n_layers=2, n_heads=32, n_kv_heads=8, head_dim=128,
-                           hidden_dim=1024, sliding_window=256, max_seq_len=1024)
+    config = MistralConfig(
+        vocab_size=1024,
+        dim=512,
+        n_layers=2,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        hidden_dim=1024,
+        sliding_window=256,
+        max_seq_len=1024,
+    )
     b, t, slots = 8, 512, 512
     splash = Numerics.of("bfloat16").replace(attention_impl="splash")
     out = {}
@@ -65,11 +73,13 @@ def _worker() -> dict:
         r = {"hbm_bytes": aot.CHIPS["v5e"].hbm_bytes}
         with mm.activate():
             step = aot._decode_step(config, splash, mm)
-            r["decode"] = aot.compile_program("decode", step, params, aot._rows(mm, (b, 1)),
-                                              aot._rows(mm, (b, 1)), cache).as_dict()
+            r["decode"] = aot.compile_program(
+                "decode", step, params, aot._rows(mm, (b, 1)), aot._rows(mm, (b, 1)), cache
+            ).as_dict()
             prefill = programs.prefill_program(config, splash, t, mm)
-            r["prefill"] = aot.compile_program("prefill", prefill, params, aot._rows(mm, (b, t)),
-                                               aot._rows(mm, (b,)), cache).as_dict()
+            r["prefill"] = aot.compile_program(
+                "prefill", prefill, params, aot._rows(mm, (b, t)), aot._rows(mm, (b,)), cache
+            ).as_dict()
         # A smaller step (256 tokens, adapters on q and v, no remat) keeps the compile short; the kernels, forward
         # and backward, are the same.
         job = aot.Job("lora", batch_size=b, seq_len=256)
@@ -79,8 +89,27 @@ def _worker() -> dict:
         out[spec] = r
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert plan.main(["--preset", "tiny", "--topology", "v5e:2x4", "--mesh", "fsdp=8", "--job", "score",
-                          "--batch-size", "8", "--seq-len", "64", "--compile", "--json"]) == 0
+        assert (
+            plan.main(
+                [
+                    "--preset",
+                    "tiny",
+                    "--topology",
+                    "v5e:2x4",
+                    "--mesh",
+                    "fsdp=8",
+                    "--job",
+                    "score",
+                    "--batch-size",
+                    "8",
+                    "--seq-len",
+                    "64",
+                    "--compile",
+                    "--json",
+                ]
+            )
+            == 0
+        )
     out["cli"] = json.loads(buf.getvalue())
     assert jax.default_backend() == "cpu"
     return out

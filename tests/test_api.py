@@ -41,8 +41,11 @@ def _rows(vocab, lengths, seed=0):
 def _hf_outputs(model, ids):
     with torch.no_grad():
         out = model(torch.tensor([ids]), output_hidden_states=True, output_attentions=True, use_cache=False)
-    return (out.logits[0].double().numpy(), np.stack([h[0].double().numpy() for h in out.hidden_states]),
-            [a[0].double().numpy() for a in out.attentions])
+    return (
+        out.logits[0].double().numpy(),
+        np.stack([h[0].double().numpy() for h in out.hidden_states]),
+        [a[0].double().numpy() for a in out.attentions],
+    )
 
 
 def test_forward_gives_transformers_logits_hidden_states_and_attention(hf, m):
@@ -77,8 +80,10 @@ def test_forward_gives_transformers_logits_hidden_states_and_attention(hf, m):
 def test_forward_compiles_once_per_bucket(m):
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: compiles.append(event)
-        if event == "/jax/core/compile/backend_compile_duration" else None)
+        lambda event, duration, **kw: (
+            compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+        )
+    )
     v = m.config.vocab_size
     m.forward(_rows(v, [9, 12]), hidden_states=True)
     before = len(compiles)
@@ -141,16 +146,40 @@ def test_adapter_generation_equals_peft_greedy(hf, adapter, tmp_path):
     for p in prompts:
         with torch.no_grad():
             mask = torch.ones(1, len(p), dtype=torch.long)
-            ids = peft_model.generate(input_ids=torch.tensor([p]), attention_mask=mask, max_new_tokens=n_new,
-                                      do_sample=False, eos_token_id=None, pad_token_id=0)
-        want.append(ids[0, len(p):].tolist())
+            ids = peft_model.generate(
+                input_ids=torch.tensor([p]),
+                attention_mask=mask,
+                max_new_tokens=n_new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        want.append(ids[0, len(p) :].tolist())
     got = m.generate(prompts, max_new_tokens=n_new, stop_token_ids=())
     assert [c.ids for c in got] == want
     # The same through the batch tool.
     inp, res = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "prompt_ids": p}) + "\n" for i, p in enumerate(prompts)))
-    assert generate_cli.main(["--checkpoint", str(hf[1]), "--adapter", str(out), "--input", str(inp), "--output",
-                              str(res), "--max-new-tokens", str(n_new), "--ignore-eos", "--batch-size", "2"]) == 0
+    assert (
+        generate_cli.main(
+            [
+                "--checkpoint",
+                str(hf[1]),
+                "--adapter",
+                str(out),
+                "--input",
+                str(inp),
+                "--output",
+                str(res),
+                "--max-new-tokens",
+                str(n_new),
+                "--ignore-eos",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert [json.loads(x)["completion_ids"] for x in res.read_text().splitlines()] == want
     # The adapter moves the model: the base alone gives other tokens.
     base = api.Mistral.load(hf[1], batch_size=2)
@@ -162,8 +191,10 @@ def test_score_tool_with_adapter_gives_peft_logprobs(hf, adapter, tmp_path):
     rows = _rows(hf[0].config.vocab_size, [14, 6])
     inp, res = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "ids": r}) + "\n" for i, r in enumerate(rows)))
-    assert score_cli.main(["--checkpoint", str(hf[1]), "--adapter", str(out), "--input", str(inp),
-                           "--output", str(res)]) == 0
+    assert (
+        score_cli.main(["--checkpoint", str(hf[1]), "--adapter", str(out), "--input", str(inp), "--output", str(res)])
+        == 0
+    )
     manifest = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())
     assert str(out) in json.dumps(manifest)
     for line, ids in zip(res.read_text().splitlines(), rows):
@@ -193,8 +224,16 @@ def test_convert_with_adapter_writes_the_merged_model(hf, adapter, tmp_path, cap
 def test_a_wrong_adapter_is_one_line_before_any_work(hf, tmp_path, capsys):
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"id": 0, "ids": [1, 2, 3]}) + "\n")
-    argv = ["--checkpoint", str(hf[1]), "--adapter", str(hf[1]), "--input", str(inp),
-            "--output", str(tmp_path / "out.jsonl")]
+    argv = [
+        "--checkpoint",
+        str(hf[1]),
+        "--adapter",
+        str(hf[1]),
+        "--input",
+        str(inp),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+    ]
     assert launch.run_tool(score_cli.main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not a PEFT adapter directory" in err and "\n" not in err

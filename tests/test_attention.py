@@ -44,9 +44,11 @@ def test_window_counts_own_key():
 
 
 def _rand_qkv(rng, b, t, n, k, h):
-    return (jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32),
-            jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32),
-            jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32))
+    return (
+        jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32),
+        jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32),
+        jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32),
+    )
 
 
 @pytest.mark.parametrize("t,w,block", [(100, 8, 8), (100, 8, 5), (77, 13, 16), (90, 1, 4), (130, 30, 7)])
@@ -54,7 +56,9 @@ def test_blockwise_equals_dense(t, w, block):
     rng = np.random.default_rng(t + w)
     q, k, v = _rand_qkv(rng, 2, t, 4, 2, 8)
     # Row 0: left padding of 9 (positions start after it); row 1: three packed segments.
-    pos = np.stack([np.clip(np.arange(t) - 9, 0, None), np.concatenate([np.arange(30), np.arange(40), np.arange(t - 70)])])
+    pos = np.stack(
+        [np.clip(np.arange(t) - 9, 0, None), np.concatenate([np.arange(30), np.arange(40), np.arange(t - 70)])]
+    )
     seg = np.stack([(np.arange(t) >= 9).astype(int), np.repeat([1, 2, 3], [30, 40, t - 70])])
     pos, seg = jnp.asarray(pos, jnp.int32), jnp.asarray(seg, jnp.int32)
     assert t > block + w  # the blockwise path is taken

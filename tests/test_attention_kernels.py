@@ -26,7 +26,7 @@ def _inputs(b=2, t=256, n=4, kh=2, h=16, seed=0):
     a, e = t * 3 // 8, t * 7 // 8  # segment 2 of row 0 spans [a, e)
     seg[0, a:e], pos[0, a:e] = 2, np.arange(e - a)
     seg[0, e:], pos[0, e:] = 0, np.arange(t - e) + e - a
-    seg[1, t * 3 // 4:] = 0
+    seg[1, t * 3 // 4 :] = 0
     return q, k, v, pos, seg
 
 
@@ -44,6 +44,7 @@ def _both(q, k, v, pos, seg, window, block=64):
         def loss(q, k, v):
             out = fn(q, k, v)
             return jnp.sum(jnp.where(valid, out * w, 0.0)), out
+
         (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
         return np.asarray(jnp.where(valid, out, 0.0)), [np.asarray(g) for g in grads]
 
@@ -89,8 +90,11 @@ def test_splash_falls_back_for_shapes_it_cannot_take(monkeypatch):
     splash = attention.self_attention(q, k, v, pos, seg, 16, Numerics(attention_impl="splash", attention_block=32))
     xla = attention.self_attention(q, k, v, pos, seg, 16, Numerics(attention_block=32))
     np.testing.assert_array_equal(np.asarray(splash), np.asarray(xla))
-    jax.eval_shape(lambda: attention.self_attention(q[:1, :1], k[:1, :1], v[:1, :1], pos[:1, :1], seg[:1, :1], 16,
-                                                    Numerics(attention_impl="splash")))
+    jax.eval_shape(
+        lambda: attention.self_attention(
+            q[:1, :1], k[:1, :1], v[:1, :1], pos[:1, :1], seg[:1, :1], 16, Numerics(attention_impl="splash")
+        )
+    )
 
 
 def test_model_with_splash_equals_xla(monkeypatch):
@@ -111,8 +115,10 @@ def test_model_with_splash_equals_xla(monkeypatch):
         logits = model.forward(p, tokens, jnp.asarray(pos), jnp.asarray(seg), config=config, numerics=numerics)
         return jnp.sum(jnp.where(jnp.asarray(seg != 0)[..., None], jax.nn.log_softmax(logits), 0.0)) / 1e4
 
-    grads = {impl: jax.jit(jax.value_and_grad(loss), static_argnums=1)(p, Numerics(attention_impl=impl))
-             for impl in ("splash", "xla")}
+    grads = {
+        impl: jax.jit(jax.value_and_grad(loss), static_argnums=1)(p, Numerics(attention_impl=impl))
+        for impl in ("splash", "xla")
+    }
     (ls, gs), (lx, gx) = grads["splash"], grads["xla"]
     assert abs(float(ls) - float(lx)) < TOL
     for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gx)):
@@ -120,10 +126,8 @@ def test_model_with_splash_equals_xla(monkeypatch):
 
 
 def test_splash_under_shard_map_on_8_devices(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT,
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for mesh, r in results.items():
@@ -142,8 +146,17 @@ def _mesh_worker() -> dict:
     from mistral_jax.sharding import ModelMesh
 
     attention.SPLASH_INTERPRET = True
-    config = MistralConfig(vocab_size=256, dim=64, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=16,
-                           hidden_dim=128, sliding_window=64, max_seq_len=512)
+    config = MistralConfig(
+        vocab_size=256,
+        dim=64,
+        n_layers=1,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=16,
+        hidden_dim=128,
+        sliding_window=64,
+        max_seq_len=512,
+    )
     q, k, v, pos, seg = _inputs(b=8, t=256, n=8, kh=2)
     out = {}
     reference = None
@@ -153,8 +166,11 @@ def _mesh_worker() -> dict:
             plan = attention.splash_plan(q.shape, k.shape)
             s, x = _both(q, k, v, pos, seg, config.sliding_window)
         reference = reference or x
-        out[spec] = {"sharded": plan.mesh is not None, "head_axis": plan.head_axis,
-                     "diff": max(_max_diff(s, x), _max_diff(s, reference))}
+        out[spec] = {
+            "sharded": plan.mesh is not None,
+            "head_axis": plan.head_axis,
+            "diff": max(_max_diff(s, x), _max_diff(s, reference)),
+        }
     assert len(jax.devices()) == 8
     return out
 

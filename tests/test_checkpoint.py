@@ -105,7 +105,7 @@ def hf_dir(tmp_path_factory, hf_model):
 def test_corrupt_safetensors_files_name_the_file(tmp_path, hf_dir):
     raw = open(os.path.join(hf_dir, "model.safetensors"), "rb").read()
     n = int.from_bytes(raw[:8], "little")
-    for name, data in [("truncated", raw[:-10]), ("short", raw[:20]), ("garbage", raw[:8] + b"{" * n + raw[8 + n:])]:
+    for name, data in [("truncated", raw[:-10]), ("short", raw[:20]), ("garbage", raw[:8] + b"{" * n + raw[8 + n :])]:
         d = tmp_path / name
         d.mkdir()
         (d / "config.json").write_bytes(open(os.path.join(hf_dir, "config.json"), "rb").read())
@@ -122,7 +122,14 @@ def test_detect_format_and_config(hf_dir, hf_model):
     assert ck.detect_format(hf_dir) == "hf"
     c = ck.load_config(hf_dir)
     assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size) == (
-        64, 2, 4, 2, 16, 96, 101)
+        64,
+        2,
+        4,
+        2,
+        16,
+        96,
+        101,
+    )
     assert c.sliding_window == 8 and c.rope_theta == 5e5
     assert ck.load_config(hf_dir, sliding_window=None).sliding_window is None
 
@@ -180,8 +187,18 @@ def test_native_import_equals_hf_import(tmp_path, hf_dir, hf_model):
     _write_native(d, native_w, native_params)
     assert ck.detect_format(d) == "native"
     c_native, c_hf = ck.load_config(d), ck.load_config(hf_dir)
-    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size",
-                  "sliding_window", "rope_theta", "norm_eps"):
+    for field in (
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "hidden_dim",
+        "vocab_size",
+        "sliding_window",
+        "rope_theta",
+        "norm_eps",
+    ):
         assert getattr(c_native, field) == getattr(c_hf, field), field
     assert_trees_equal(ck.load_params(d), ck.load_params(hf_dir))
 
@@ -204,12 +221,16 @@ def test_native_export_matches_oracle_layout(tmp_path, hf_dir, hf_model):
 
 
 def test_leaf_shapes_match_the_model():
-    for config in (MistralConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
-                                 hidden_dim=48),
-                   MistralConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
-                                 hidden_dim=40, tie_embeddings=True)):
-        got = {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape)
-               for p, x in jax.tree_util.tree_leaves_with_path(params_lib.param_shapes(config))}
+    for config in (
+        MistralConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48),
+        MistralConfig(
+            vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=40, tie_embeddings=True
+        ),
+    ):
+        got = {
+            jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(params_lib.param_shapes(config))
+        }
         assert got == params_lib.leaf_shapes(config)
         # and one stored tensor per layer of each leaf, of the size of that layer
         for w in params_lib.weights(config):
@@ -248,8 +269,7 @@ def test_orbax_round_trip_is_bit_exact(tmp_path, hf_dir, dtype):
     assert all(x.dtype == np.dtype(NP_DTYPES[dtype]) for x in jax.tree.leaves(back))
     assert_trees_equal(back, params)
     # Restoring into another dtype casts after the checks (while reading with check_finite=False).
-    assert_trees_equal(ck.load_params(out, dtype="float32"), jax.tree.map(lambda x: np.asarray(x, np.float32),
-                                                                         params))
+    assert_trees_equal(ck.load_params(out, dtype="float32"), jax.tree.map(lambda x: np.asarray(x, np.float32), params))
 
 
 def test_convert_hf_to_orbax_and_back(tmp_path, hf_dir, hf_model):
@@ -314,8 +334,9 @@ def test_orbax_save_killed_midway_leaves_previous(tmp_path, hf_dir):
         ck.files.write_json = lambda *a: os._exit(3)   # dies after the orbax write, mid-save
         ck.save({str(out)!r}, params, config.replace(norm_eps=1e-3))
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )
     assert r.returncode == 3, r.stderr[-2000:]
     assert ck.load_config(str(out)).norm_eps == 1e-5
     assert_trees_equal(ck.load_params(str(out)), ck.load_params(hf_dir))
@@ -424,8 +445,9 @@ def test_export_failure_leaves_nothing(tmp_path, hf_dir, monkeypatch):
     monkeypatch.setattr(safetensors.numpy, "save_file", second_fails)
     calls.clear()
     with pytest.raises(OSError, match="disk full"):
-        ck.export_hf(str(tmp_path / "out"), jax.tree.map(lambda x: x * 2, params), config, "float32",
-                     max_shard_bytes=40_000)
+        ck.export_hf(
+            str(tmp_path / "out"), jax.tree.map(lambda x: x * 2, params), config, "float32", max_shard_bytes=40_000
+        )
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["out"]
     assert_trees_equal(ck.load_params(str(tmp_path / "out")), params)
@@ -441,8 +463,9 @@ def test_export_hf_bfloat16(tmp_path, hf_dir):
     back = MistralForCausalLM.from_pretrained(out)
     assert back.dtype == torch.bfloat16
     # Round trip through bf16 equals rounding the f32 params once.
-    assert_trees_equal(ck.load_params(out, dtype="bfloat16"),
-                       jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), params))
+    assert_trees_equal(
+        ck.load_params(out, dtype="bfloat16"), jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), params)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,9 +501,11 @@ def test_error_wrong_shape(tmp_path, hf_model):
     hf_model[0].save_pretrained(d)
     f = os.path.join(d, "model.safetensors")
     _rewrite(f, lambda t: t.update({"model.layers.1.self_attn.k_proj.weight": np.zeros((16, 64), np.float32)}))
-    with pytest.raises(ck.CheckpointError,
-                       match=r"tensor 'model\.layers\.1\.self_attn\.k_proj\.weight' in .*model\.safetensors has "
-                             r"shape \[16, 64\], expected \[32, 64\]"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"tensor 'model\.layers\.1\.self_attn\.k_proj\.weight' in .*model\.safetensors has "
+        r"shape \[16, 64\], expected \[32, 64\]",
+    ):
         ck.load_params(d)
 
 
@@ -491,17 +516,25 @@ def test_error_unexpected_and_missing_tensor(tmp_path, hf_model):
     _rewrite(f, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))
     ck.load_params(d)  # known harmless extra: ignored
     _rewrite(f, lambda t: t.update({"model.layers.0.mlp.bias": np.ones(3, np.float32)}))
-    with pytest.raises(ck.CheckpointError,
-                       match=r"unexpected tensor 'model\.layers\.0\.mlp\.bias' in .*model\.safetensors"):
+    with pytest.raises(
+        ck.CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.mlp\.bias' in .*model\.safetensors"
+    ):
         ck.load_params(d)
-    _rewrite(f, lambda t: [t.pop(k) for k in ("model.layers.0.mlp.bias",
-                                              "model.layers.1.post_attention_layernorm.weight")])
-    with pytest.raises(ck.CheckpointError, match=r"missing tensor 'model\.layers\.1\.post_attention_layernorm"
-                                                 r"\.weight'.*model\.safetensors"):
+    _rewrite(
+        f, lambda t: [t.pop(k) for k in ("model.layers.0.mlp.bias", "model.layers.1.post_attention_layernorm.weight")]
+    )
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"missing tensor 'model\.layers\.1\.post_attention_layernorm"
+        r"\.weight'.*model\.safetensors",
+    ):
         ck.load_params(d)
     # A config with more layers than the file: names the first missing tensor and where it was looked for.
-    with pytest.raises(ck.CheckpointError, match=r"missing tensor 'model\.layers\.2\.input_layernorm\.weight' "
-                                                 r"\(and 9 more.*expected in .*model\.safetensors"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"missing tensor 'model\.layers\.2\.input_layernorm\.weight' "
+        r"\(and 9 more.*expected in .*model\.safetensors",
+    ):
         ck.load_params(d, config=ck.load_config(d).replace(n_layers=3))
 
 
@@ -541,8 +574,11 @@ def test_error_orbax_config_mismatch(tmp_path, hf_dir):
     params, config = ck.load_params(hf_dir), ck.load_config(hf_dir)
     out = str(tmp_path / "ox")
     ck.save(out, params, config)
-    with pytest.raises(ck.CheckpointError, match=r"array 'layers/feed_forward/w1' has shape \(2, 64, 96\), "
-                                                 r"expected \(2, 64, 128\)"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"array 'layers/feed_forward/w1' has shape \(2, 64, 96\), "
+        r"expected \(2, 64, 128\)",
+    ):
         ck.load_params(out, config=config.replace(hidden_dim=128))
     with pytest.raises(ck.CheckpointError, match=r"unexpected array 'output/kernel'"):
         ck.load_params(out, config=config.replace(tie_embeddings=True))
@@ -555,9 +591,25 @@ def test_error_orbax_config_mismatch(tmp_path, hf_dir):
 # ---------------------------------------------------------------------------------------------------------------
 def test_convert_peak_memory_is_bounded(tmp_path):
     # ~156 MB of bf16 weights; the child's peak RSS above a baseline child (same imports, tiny convert).
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "convert_memory.py"), "--json", "--workdir",
-           str(tmp_path), "--dim", "1024", "--layers", "4", "--ffn", "2816", "--heads", "8", "--kv-heads", "2",
-           "--vocab", "16000"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "bench", "convert_memory.py"),
+        "--json",
+        "--workdir",
+        str(tmp_path),
+        "--dim",
+        "1024",
+        "--layers",
+        "4",
+        "--ffn",
+        "2816",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "2",
+        "--vocab",
+        "16000",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -617,8 +669,9 @@ def test_peft_adapters_give_the_merged_model_logits(tmp_path, hf_dir, hf_model):
     ck.save_adapter(out, adapters, spec, config, base_model=hf_dir)
     acfg = json.load(open(os.path.join(out, ck.ADAPTER_CONFIG)))
     assert acfg["r"] == 4 and acfg["lora_alpha"] == 8.0 and acfg["base_model_name_or_path"] == hf_dir
-    assert acfg["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"])
+    assert acfg["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     tensors = safetensors.numpy.load_file(os.path.join(out, ck.ADAPTER_WEIGHTS))
     assert tensors["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"].shape == (4, 64)
     assert tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (32, 4)

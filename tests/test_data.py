@@ -103,14 +103,17 @@ def test_loss_mask_is_assistant_content_and_eos(tmp_path, version, tokenizer_pat
         # ... and exactly what mistral-common adds when the conversation grows by that assistant turn. (Only
         # without a system prompt: v3 attaches it to the LAST user turn, so prefixes encode it elsewhere.)
         if not any(m["role"] == "system" for m in conv):
-            cuts = [i for i, m in enumerate(trimmed) if m["role"] == "assistant"
-                    and (i + 1 == len(trimmed) or trimmed[i + 1]["role"] != "assistant")]
+            cuts = [
+                i
+                for i, m in enumerate(trimmed)
+                if m["role"] == "assistant" and (i + 1 == len(trimmed) or trimmed[i + 1]["role"] != "assistant")
+            ]
             starts = [max(j for j in range(i + 1) if trimmed[j]["role"] == "user") + 1 for i in cuts]
             for span, start, cut in zip(spans, starts, cuts):
                 before = mistral_common_encode(tokenizer_paths[version], trimmed[:start])
                 after = mistral_common_encode(tokenizer_paths[version], trimmed[: cut + 1])
                 assert after[: len(before)] == before
-                assert span.tolist() == after[len(before):]
+                assert span.tolist() == after[len(before) :]
     assert seen == len(examples)
 
     # Padding and example boundaries carry no loss.
@@ -139,14 +142,16 @@ def test_packed_logits_equal_each_example_alone():
     params = random_params(config)
     rng = np.random.default_rng(0)
     lengths = [12, 3, 7, 9, 5, 6, 1]
-    examples = [Example(i + 1, rng.integers(3, config.vocab_size, n).tolist(), [True] * n)
-                for i, n in enumerate(lengths)]
+    examples = [
+        Example(i + 1, rng.integers(3, config.vocab_size, n).tolist(), [True] * n) for i, n in enumerate(lengths)
+    ]
     packed = pack(examples, seq_len=16)
     assert packed["tokens"].shape[0] < len(examples)
     assert (packed["segment_ids"] > 0).sum() == sum(lengths)
 
-    logits = forward(params, packed["tokens"], packed["positions"], packed["segment_ids"], config=config,
-                     numerics=numerics)
+    logits = forward(
+        params, packed["tokens"], packed["positions"], packed["segment_ids"], config=config, numerics=numerics
+    )
     # Each example alone: a row of its own from position 0, one segment (the defaults). Attention is causal,
     # so the filler after a short example cannot reach its logits, and one batch serves every lone run (one
     # compile instead of one per length).
@@ -179,27 +184,38 @@ def test_bad_rows_are_reported_with_line_numbers(tmp_path, v1_tokenizer_path):
     tok = Tokenizer.from_file(v1_tokenizer_path)
     good = {"messages": [user("Hi"), asst("Hello")]}
     lines = [
-        good,                                                                   # 1
-        '{"messages": [',                                                       # 2 malformed JSON
-        "[1, 2]",                                                               # 3 not an object
-        {"messages": [user("Only a question?")]},                               # 4 no assistant turn
-        {"messages": [user("Hi"), {"role": "bot", "content": "Hello"}]},        # 5 unknown role
-        {"messages": [{"content": "no role"}, asst("Hello")]},                  # 6 missing role
-        {"messages": [user("Hi"), asst(42)]},                                   # 7 non-string content
-        {"messages": [user(""), asst("Hello")]},                                # 8 empty content
-        {"messages": [user("word " * 100), asst("Hello")]},                     # 9 too long
+        good,  # 1
+        '{"messages": [',  # 2 malformed JSON
+        "[1, 2]",  # 3 not an object
+        {"messages": [user("Only a question?")]},  # 4 no assistant turn
+        {"messages": [user("Hi"), {"role": "bot", "content": "Hello"}]},  # 5 unknown role
+        {"messages": [{"content": "no role"}, asst("Hello")]},  # 6 missing role
+        {"messages": [user("Hi"), asst(42)]},  # 7 non-string content
+        {"messages": [user(""), asst("Hello")]},  # 8 empty content
+        {"messages": [user("word " * 100), asst("Hello")]},  # 9 too long
         {"messages": [user("a"), asst("b"), sys_("c"), user("d"), asst("e")]},  # 10 tokenizer refuses
-        {"text": "plain text"},                                                 # 11 neither format
-        "",                                                                     # 12 blank: skipped, not counted
-        {"prompt": "Hi", "completion": "Hello"},                                # 13 good
-        {"prompt": "Hi", "completion": None},                                   # 14 non-string completion
-        {"messages": "Hi"},                                                     # 15 messages not a list
+        {"text": "plain text"},  # 11 neither format
+        "",  # 12 blank: skipped, not counted
+        {"prompt": "Hi", "completion": "Hello"},  # 13 good
+        {"prompt": "Hi", "completion": None},  # 14 non-string completion
+        {"messages": "Hi"},  # 15 messages not a list
     ]
     path = write_jsonl(tmp_path / "mixed.jsonl", lines)
     examples, report = load_examples(path, tok, seq_len=32)
-    expected = {2: "malformed JSON", 3: "malformed JSON", 4: "no assistant turn", 5: "unknown role",
-                6: "unknown role", 7: "bad content", 8: "bad content", 9: "too long", 10: "tokenizer error",
-                11: "bad format", 14: "bad content", 15: "bad format"}
+    expected = {
+        2: "malformed JSON",
+        3: "malformed JSON",
+        4: "no assistant turn",
+        5: "unknown role",
+        6: "unknown role",
+        7: "bad content",
+        8: "bad content",
+        9: "too long",
+        10: "tokenizer error",
+        11: "bad format",
+        14: "bad content",
+        15: "bad format",
+    }
     assert {line: reason.split(":")[0] for line, reason in report.bad} == expected
     assert [line for line, _ in report.bad] == sorted(expected)
     assert (report.total, report.kept) == (14, 2)
@@ -221,17 +237,20 @@ def test_lone_surrogate_is_a_bad_row_naming_file_and_line(tmp_path, v1_tokenizer
     data validation without a line number, and is now a bad row of its line (issue 20)."""
     tok = Tokenizer.from_file(v1_tokenizer_path)
     path = tmp_path / "surrogate.jsonl"
-    lines = [{"messages": [user("Hi"), asst("Hello")]},
-             {"messages": [user("Hi \ud800 there"), asst("Hello")]},
-             {"prompt": "Hi", "completion": "\udfff"},
-             {"messages": [sys_("\ud83d"), user("Hi"), asst("Hello")]}]
+    lines = [
+        {"messages": [user("Hi"), asst("Hello")]},
+        {"messages": [user("Hi \ud800 there"), asst("Hello")]},
+        {"prompt": "Hi", "completion": "\udfff"},
+        {"messages": [sys_("\ud83d"), user("Hi"), asst("Hello")]},
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in lines))  # ensure_ascii writes the \\u escapes
     assert "\\ud800" in path.read_text()
     examples, report = load_examples(str(path), tok, seq_len=64)
     assert [ex.line for ex in examples] == [1]
     assert [line for line, _ in report.bad] == [2, 3, 4]
-    assert all(reason.startswith("bad content: ") and "not valid Unicode (lone surrogate" in reason
-               for _, reason in report.bad), report.bad
+    assert all(
+        reason.startswith("bad content: ") and "not valid Unicode (lone surrogate" in reason for _, reason in report.bad
+    ), report.bad
     assert "bad content: 3 (lines 2, 3, 4)" in report.summary()
     with pytest.raises(ValueError, match=r"surrogate\.jsonl: 3 bad rows") as err:
         load_examples(str(path), tok, seq_len=64, on_bad="error")
@@ -241,18 +260,25 @@ def test_lone_surrogate_is_a_bad_row_naming_file_and_line(tmp_path, v1_tokenizer
 def test_prompt_completion_equals_messages(tmp_path, version, tokenizer_paths):
     tok = Tokenizer.from_file(tokenizer_paths[version])
     pairs = [("What is 2+2?", "4"), ("Write a haiku", "Old pond\nfrog jumps in\nsplash")]
-    a, _ = load_examples(write_jsonl(tmp_path / "pc.jsonl", [{"prompt": p, "completion": c} for p, c in pairs]),
-                         tok, 64)
-    b, _ = load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": [user(p), asst(c)]} for p, c in pairs]),
-                         tok, 64)
+    a, _ = load_examples(
+        write_jsonl(tmp_path / "pc.jsonl", [{"prompt": p, "completion": c} for p, c in pairs]), tok, 64
+    )
+    b, _ = load_examples(
+        write_jsonl(tmp_path / "m.jsonl", [{"messages": [user(p), asst(c)]} for p, c in pairs]), tok, 64
+    )
     assert a == b
 
 
 def identified_rows(n_rows, seq_len=4):
     """Packed-like arrays whose row r is all r+1 (segment ids too), so a batch tells which rows it holds."""
     ids = np.repeat(np.arange(1, n_rows + 1, dtype=np.int32)[:, None], seq_len, axis=1)
-    return {"tokens": ids, "targets": ids, "loss_mask": np.ones(ids.shape, np.float32),
-            "positions": np.zeros_like(ids), "segment_ids": ids}
+    return {
+        "tokens": ids,
+        "targets": ids,
+        "loss_mask": np.ones(ids.shape, np.float32),
+        "positions": np.zeros_like(ids),
+        "segment_ids": ids,
+    }
 
 
 def take(it, n):

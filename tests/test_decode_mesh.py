@@ -25,11 +25,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Widths no activation of a decode step shares (batch 8, 64 slots): an all-gather whose result has a weight's
 # element count is that weight (or a layer of it) being gathered. GQA with 4 KV heads on tensor=8: replicated.
-CONFIG = MistralConfig(vocab_size=520, dim=72, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=12, hidden_dim=200,
-                       sliding_window=32, max_seq_len=128)
+CONFIG = MistralConfig(
+    vocab_size=520,
+    dim=72,
+    n_layers=2,
+    n_heads=8,
+    n_kv_heads=4,
+    head_dim=12,
+    hidden_dim=200,
+    sliding_window=32,
+    max_seq_len=128,
+)
 
 
 # ---- the choice -----------------------------------------------------------------------------------------------
+
 
 def test_inference_default_is_data_x_tensor_and_training_is_fsdp():
     seven_b = get_preset("mistral-7b-v0.1")
@@ -56,23 +66,30 @@ def test_a_model_that_does_not_fit_replicated_falls_back_to_fsdp():
 def test_the_plan_says_which_mesh_and_why(capsys):
     from infer import plan
 
-    assert plan.main(["--preset", "mistral-7b-v0.1", "--devices", "8", "--device", "v5e", "--job", "generate",
-                      "lora", "--json"]) == 0
+    assert (
+        plan.main(
+            ["--preset", "mistral-7b-v0.1", "--devices", "8", "--device", "v5e", "--job", "generate", "lora", "--json"]
+        )
+        == 0
+    )
     gen, lora = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
     assert gen["mesh"] == "data=1,fsdp=1,tensor=8" and "default for generate" in gen["notes"][0]
     assert lora["mesh"] == "data=1,fsdp=8,tensor=1" and "default for lora" in lora["notes"][0]
     assert mesh_choice.alternatives(get_preset("mistral-7b-v0.1"), 8) == [
-        {"data": 8, "fsdp": 1, "tensor": 1}, {"data": 4, "fsdp": 1, "tensor": 2},
-        {"data": 2, "fsdp": 1, "tensor": 4}, {"data": 1, "fsdp": 1, "tensor": 8}, {"data": 1, "fsdp": 8, "tensor": 1}]
+        {"data": 8, "fsdp": 1, "tensor": 1},
+        {"data": 4, "fsdp": 1, "tensor": 2},
+        {"data": 2, "fsdp": 1, "tensor": 4},
+        {"data": 1, "fsdp": 1, "tensor": 8},
+        {"data": 1, "fsdp": 8, "tensor": 1},
+    ]
 
 
 # ---- the compiled decode step on 8 devices ---------------------------------------------------------------------
 
+
 def test_default_mesh_decode_gathers_no_weight_and_fsdp_does():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT,
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["default"]["mesh"] == "data=1,fsdp=1,tensor=8", r
@@ -120,17 +137,27 @@ def _worker() -> dict:
     b, slots, new = 8, 64, 4
     numerics = Numerics.of("float32")
     out = {}
-    for name, mm in (("default", mesh_choice.default_mesh(CONFIG, "generate")),
-                     ("fsdp=8", sharding.ModelMesh.build(CONFIG, "fsdp=8"))):
+    for name, mm in (
+        ("default", mesh_choice.default_mesh(CONFIG, "generate")),
+        ("fsdp=8", sharding.ModelMesh.build(CONFIG, "fsdp=8")),
+    ):
         params = aot.abstract_params(mm, "float32")
         state = jax.eval_shape(lambda: aot._empty_state(CONFIG, b, slots, new, "float32"))
         state = aot._abstract(state, programs.state_shardings(mm.mesh, mm.rules))
         with mm.activate():
-            hlo = programs.decode_program(CONFIG, numerics, mm).lower(
-                params, state, jax.ShapeDtypeStruct((), jnp.int32), sampled=True, final=False).compile().as_text()
+            hlo = (
+                programs.decode_program(CONFIG, numerics, mm)
+                .lower(params, state, jax.ShapeDtypeStruct((), jnp.int32), sampled=True, final=False)
+                .compile()
+                .as_text()
+            )
         gathers = _gathers(hlo)
-        out[name] = {"mesh": sharding.describe(mm.mesh), "notes": " ".join(mm.notes), "gathers": len(gathers),
-                     "weight_gathers": [s for s, n in gathers if n in weights]}
+        out[name] = {
+            "mesh": sharding.describe(mm.mesh),
+            "notes": " ".join(mm.notes),
+            "gathers": len(gathers),
+            "weight_gathers": [s for s, n in gathers if n in weights],
+        }
     # The tools' start-up without --mesh.
     args = types.SimpleNamespace(mesh=None, coordinator=None, num_processes=None, process_id=None, multi_host=False)
     log = io.StringIO()
@@ -147,16 +174,17 @@ def _worker() -> dict:
 
 # ---- attention: linear memory without a window, and the training default --------------------------------------
 
+
 def _qkv(b, t, n, kh, h, seed=0):
     rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, t, n, h), (b, t, kh, h), (b, t, kh, h)))
     # Packed rows (positions restart at each segment) and a padding tail, as data.pack makes them.
     seg = np.ones((b, t), np.int32)
     pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
-    seg[0, t // 3:] = 2
-    pos[0, t // 3:] = np.arange(t - t // 3)
-    seg[1, t - 7:] = 0
-    pos[1, t - 7:] = 0
+    seg[0, t // 3 :] = 2
+    pos[0, t // 3 :] = np.arange(t - t // 3)
+    seg[1, t - 7 :] = 0
+    pos[1, t - 7 :] = 0
     return q, k, v, jnp.asarray(pos), jnp.asarray(seg)
 
 
@@ -179,10 +207,16 @@ def test_blockwise_gradients_equal_dense():
     def loss(fn, q, k, v):
         return jnp.sum(jnp.where(real, fn(q, k, v), 0.0) ** 2)
 
-    dense = jax.grad(lambda *a: loss(lambda q, k, v: attention.dot_attention(
-        q, k, v, attention.make_mask(pos, pos, seg, seg, None)), *a), argnums=(0, 1, 2))(q, k, v)
-    block = jax.grad(lambda *a: loss(lambda q, k, v: attention.blockwise_attention(
-        q, k, v, pos, seg, None, 8), *a), argnums=(0, 1, 2))(q, k, v)
+    dense = jax.grad(
+        lambda *a: loss(
+            lambda q, k, v: attention.dot_attention(q, k, v, attention.make_mask(pos, pos, seg, seg, None)), *a
+        ),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    block = jax.grad(
+        lambda *a: loss(lambda q, k, v: attention.blockwise_attention(q, k, v, pos, seg, None, 8), *a),
+        argnums=(0, 1, 2),
+    )(q, k, v)
     for a, b in zip(block, dense):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
@@ -195,6 +229,7 @@ def test_long_sequences_hold_no_t_by_t_scores():
     pos = jax.ShapeDtypeStruct((1, t), jnp.int32)
 
     for window in (None, t):
+
         def loss(q, k, v, pos, seg, window=window):
             return jnp.sum(attention.blockwise_attention(q, k, v, pos, seg, window, 256))
 

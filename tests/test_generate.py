@@ -30,9 +30,8 @@ def _load(tmp_path, **overrides):
 
 
 def _hf_greedy(model, prompt, n):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
 
 
 def _prompts(vocab, lengths, seed=1):
@@ -54,8 +53,11 @@ def test_batched_greedy_matches_transformers_one_at_a_time(tmp_path, window, lay
     prompts = _prompts(config.vocab_size, [3, 17, 9, 30, 1])  # 30 > prefill chunk: chunked prefill
     gen = Generator(params, config, NUM, batch_size=4, prefill_chunk=8)  # 5 prompts: two batches, one partial
     batches = []
-    outs = gen.generate(prompts, SamplingParams(max_new_tokens=40, stop_token_ids=()),  # 40 >> window 5
-                        on_batch=lambda idx, comps: batches.append(list(idx)))
+    outs = gen.generate(
+        prompts,
+        SamplingParams(max_new_tokens=40, stop_token_ids=()),  # 40 >> window 5
+        on_batch=lambda idx, comps: batches.append(list(idx)),
+    )
     assert batches == [[4, 0, 2, 1], [3]]  # batched shortest first; results still in the order given
     for p, o in zip(prompts, outs):
         assert o.ids == _hf_greedy(model, p, 40)
@@ -70,7 +72,8 @@ def test_batch_of_one_on_the_tuned_layout_matches_transformers(tmp_path):
     assert isinstance(loaded.params["layers"], tuple)
     prompts = _prompts(loaded.config.vocab_size, [3, 12])
     outs = api.Mistral(loaded, batch_size=1, prefill_chunk=8).generator.generate(
-        prompts, SamplingParams(max_new_tokens=30, stop_token_ids=()))
+        prompts, SamplingParams(max_new_tokens=30, stop_token_ids=())
+    )
     for p, o in zip(prompts, outs):
         assert o.ids == _hf_greedy(model, p, 30)
 
@@ -95,13 +98,22 @@ def test_fixed_seed_reproduces_across_batch_sizes(tmp_path):
     alone = Generator(params, config, NUM, batch_size=1).generate([target], sp)[0].ids
     batch = others[:2] + [target] + others[2:]
     mixed = Generator(params, config, NUM, batch_size=6).generate(
-        batch, [SamplingParams(max_new_tokens=24, temperature=0.7, seed=i, stop_token_ids=()) for i in range(2)]
-        + [sp] + [SamplingParams(max_new_tokens=24, seed=9, stop_token_ids=())] * 3)
+        batch,
+        [SamplingParams(max_new_tokens=24, temperature=0.7, seed=i, stop_token_ids=()) for i in range(2)]
+        + [sp]
+        + [SamplingParams(max_new_tokens=24, seed=9, stop_token_ids=())] * 3,
+    )
     assert mixed[2].ids == alone
     again = Generator(params, config, NUM, batch_size=1).generate([target], sp)[0].ids
     assert again == alone
-    other_seed = Generator(params, config, NUM, batch_size=1).generate([target], SamplingParams(
-        max_new_tokens=24, temperature=1.0, top_k=20, top_p=0.9, seed=99, stop_token_ids=()))[0].ids
+    other_seed = (
+        Generator(params, config, NUM, batch_size=1)
+        .generate(
+            [target],
+            SamplingParams(max_new_tokens=24, temperature=1.0, top_k=20, top_p=0.9, seed=99, stop_token_ids=()),
+        )[0]
+        .ids
+    )
     assert other_seed != alone
 
 
@@ -119,7 +131,8 @@ def test_compilations_for_many_prompts_are_a_handful(tmp_path):
     compiles = []
     backend = "/jax/core/compile/backend_compile_duration"
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: compiles.append(event) if event == backend else None)
+        lambda event, duration, **kw: compiles.append(event) if event == backend else None
+    )
     rng = np.random.default_rng(0)
     prompts = _prompts(config.vocab_size, rng.integers(1, 120, 50).tolist())
     gen = Generator(params, config, NUM, batch_size=8, prefill_chunk=64)
@@ -133,8 +146,10 @@ def test_compilations_for_many_prompts_are_a_handful(tmp_path):
     # The same prompts again, and other prompts of the same buckets: nothing compiles.
     before, counted = len(compiles), programs.count()
     gen.generate(prompts[::-1], SamplingParams(max_new_tokens=8, stop_token_ids=()))
-    gen.generate(_prompts(config.vocab_size, [len(p) for p in prompts[:16]], seed=2),
-                 SamplingParams(max_new_tokens=7, stop_token_ids=()))
+    gen.generate(
+        _prompts(config.vocab_size, [len(p) for p in prompts[:16]], seed=2),
+        SamplingParams(max_new_tokens=7, stop_token_ids=()),
+    )
     assert programs.count() == counted and len(compiles) == before
     # Prompt buckets 16..128 give at most 7 prefill programs, one decode program (its cache is sized by a
     # power of two at most the window, the same for every bucket here), plus the cache initialisation: a
@@ -149,16 +164,22 @@ def test_stop_tokens_per_row_limits_and_reasons(tmp_path):
     stop = ref[0][6]  # the 7th greedy token of row 0 becomes a stop token
     first = ref[0].index(stop)
     gen = Generator(params, config, NUM, batch_size=2)
-    outs = gen.generate(prompts, [SamplingParams(max_new_tokens=20, stop_token_ids=(stop,)),
-                                  SamplingParams(max_new_tokens=7, stop_token_ids=())])
+    outs = gen.generate(
+        prompts,
+        [
+            SamplingParams(max_new_tokens=20, stop_token_ids=(stop,)),
+            SamplingParams(max_new_tokens=7, stop_token_ids=()),
+        ],
+    )
     assert outs[0].ids == ref[0][:first] and outs[0].finish_reason == "stop"
     assert outs[1].ids == ref[1][:7] and outs[1].finish_reason == "length"
 
 
 @pytest.fixture()
 def tok_model(tmp_path, v1_tokenizer_path):
-    model, _, _ = make_hf_model(4, vocab_size=32000, hidden_size=32, intermediate_size=48, head_dim=8,
-                                sliding_window=8, linear_std=0.1)
+    model, _, _ = make_hf_model(
+        4, vocab_size=32000, hidden_size=32, intermediate_size=48, head_dim=8, sliding_window=8, linear_std=0.1
+    )
     model.save_pretrained(tmp_path / "tm")
     shutil.copy(v1_tokenizer_path, tmp_path / "tm" / "tokenizer.model")
     return model, tmp_path / "tm"
@@ -174,7 +195,7 @@ def test_stop_strings_and_streaming(tok_model):
     assert full.text == m.tokenizer.decode(full.ids)
     streamed = "".join(m.stream("Hello world", steps_per_call=4, max_new_tokens=30, stop_token_ids=()))
     assert streamed == full.text
-    needle = full.text[len(full.text) // 2:][:3]
+    needle = full.text[len(full.text) // 2 :][:3]
     cut = m.generate("Hello world", max_new_tokens=30, stop_token_ids=(), stop_strings=(needle,))[0]
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.find(needle)]
@@ -224,11 +245,15 @@ def test_generate_job_resumes_and_reports_bad_rows(tok_model, tmp_path, monkeypa
     monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path / "xla"))
     model, path = tok_model
     rows = [json.dumps({"id": f"p{i}", "prompt": f"Story number {i}:"}) for i in range(5)]
-    rows += ["{broken", json.dumps({"id": "m", "messages": [{"role": "user", "content": "Hi there"}]}),
-             json.dumps({"id": "ids", "prompt_ids": [1, 300, 400]}),
-             json.dumps({"id": "oov", "prompt_ids": [1, 32000]}), json.dumps({"id": "none", "text": "x"}),
-             json.dumps({"id": "badmsg", "messages": [{"role": "bot", "content": "x"}]}),
-             json.dumps({"id": "long", "prompt_ids": [1] + [300] * 512})]  # 513 tokens, the context is 512
+    rows += [
+        "{broken",
+        json.dumps({"id": "m", "messages": [{"role": "user", "content": "Hi there"}]}),
+        json.dumps({"id": "ids", "prompt_ids": [1, 300, 400]}),
+        json.dumps({"id": "oov", "prompt_ids": [1, 32000]}),
+        json.dumps({"id": "none", "text": "x"}),
+        json.dumps({"id": "badmsg", "messages": [{"role": "bot", "content": "x"}]}),
+        json.dumps({"id": "long", "prompt_ids": [1] + [300] * 512}),
+    ]  # 513 tokens, the context is 512
     rows += [json.dumps({"id": f"q{i}", "prompt": f"Another {i}"}) for i in range(4)]
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(rows) + "\n")
@@ -237,8 +262,7 @@ def test_generate_job_resumes_and_reports_bad_rows(tok_model, tmp_path, monkeypa
     assert gen_cli.main(args + ["--output", str(full_out)]) == 0
     full = [json.loads(x) for x in full_out.read_text().splitlines()]
     ids = [r["id"] for r in full]
-    assert ids == ["p0", "p1", "p2", "p3", "p4", 6, "m", "ids", "oov", "none", "badmsg", "long", "q0", "q1", "q2",
-                   "q3"]
+    assert ids == ["p0", "p1", "p2", "p3", "p4", 6, "m", "ids", "oov", "none", "badmsg", "long", "q0", "q1", "q2", "q3"]
     err = {r["id"]: r["error"] for r in full if "error" in r}
     assert set(err) == {6, "oov", "none", "badmsg", "long"}
     assert "in.jsonl:6: not valid JSON" in err[6] and "token id 32000" in err["oov"]
@@ -285,10 +309,28 @@ def test_generate_tool_as_a_process_writes_everything_and_returns_its_exit_code(
 
     def run(inp):
         out = tmp_path / f"out-{inp.stem}.jsonl"
-        r = subprocess.run([sys.executable, "-m", "infer.generate", "--checkpoint", str(tmp_path / "hf"), "--input",
-                            str(inp), "--output", str(out), "--max-new-tokens", "7", "--batch-size", "2",
-                            "--ignore-eos"], capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "MISTRAL_JAX_CACHE": str(tmp_path / "xla")})
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "infer.generate",
+                "--checkpoint",
+                str(tmp_path / "hf"),
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "7",
+                "--batch-size",
+                "2",
+                "--ignore-eos",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "MISTRAL_JAX_CACHE": str(tmp_path / "xla")},
+        )
         return r, [json.loads(x) for x in out.read_text().splitlines()]
 
     r, rows = run(good)
@@ -302,8 +344,9 @@ def test_generate_tool_as_a_process_writes_everything_and_returns_its_exit_code(
 def test_generation_stops_at_the_context_length(tmp_path):
     model, config, params = _load(tmp_path, sliding_window=8, max_position_embeddings=32)
     prompts = _prompts(config.vocab_size, [32, 30])
-    outs = Generator(params, config, NUM, batch_size=2).generate(prompts, SamplingParams(max_new_tokens=10,
-                                                                                   stop_token_ids=()))
+    outs = Generator(params, config, NUM, batch_size=2).generate(
+        prompts, SamplingParams(max_new_tokens=10, stop_token_ids=())
+    )
     assert outs[0].ids == [] and outs[0].finish_reason == "length"
     assert outs[1].ids == _hf_greedy(model, prompts[1], 2) and outs[1].finish_reason == "length"
 
@@ -327,10 +370,21 @@ def _greedy_state(cache, logits, pos, max_new, m):
 
     b = len(pos)
     z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
-    return DecodeState(cache=cache, logits=logits, out=jnp.zeros((b, m), jnp.int32), n=z(0),
-                       pos=jnp.asarray(pos, jnp.int32), done=z(False, bool), reason=z(0), seeds=z(0, jnp.uint32),
-                       temperature=z(0.0, jnp.float32), top_k=z(0), top_p=z(1.0, jnp.float32),
-                       max_new=jnp.asarray(max_new, jnp.int32), stop_ids=jnp.full((b, 1), -1, jnp.int32))
+    return DecodeState(
+        cache=cache,
+        logits=logits,
+        out=jnp.zeros((b, m), jnp.int32),
+        n=z(0),
+        pos=jnp.asarray(pos, jnp.int32),
+        done=z(False, bool),
+        reason=z(0),
+        seeds=z(0, jnp.uint32),
+        temperature=z(0.0, jnp.float32),
+        top_k=z(0),
+        top_p=z(1.0, jnp.float32),
+        max_new=jnp.asarray(max_new, jnp.int32),
+        stop_ids=jnp.full((b, 1), -1, jnp.int32),
+    )
 
 
 def _compiled_prefills(config, params, mesh):
@@ -341,8 +395,13 @@ def _compiled_prefills(config, params, mesh):
     for t, chunk in [(16, 16), (32, 8)]:
         pre = programs.prefill_program(config, NUM, chunk, mesh)
         with mesh.activate():
-            yield t, chunk, pre.lower(params, jnp.zeros((b, t), jnp.int32), jnp.full((b,), t, jnp.int32),
-                                      mesh.cache(b, 8)).compile()
+            yield (
+                t,
+                chunk,
+                pre.lower(
+                    params, jnp.zeros((b, t), jnp.int32), jnp.full((b,), t, jnp.int32), mesh.cache(b, 8)
+                ).compile(),
+            )
 
 
 @pytest.mark.parametrize("b,sampled,final", [(3, True, True), (3, False, True), (1, False, True), (1, False, False)])
@@ -366,11 +425,16 @@ def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path
 
     guarded = {shape(state.cache.k)}
     guarded |= {shape(x) for x in jax.tree.leaves(params) if x.ndim >= 2 and x.shape[0] != config.vocab_size}
-    copies = [line.strip()[:160] for line in hlo.splitlines()
-              if (mt := re.match(r"\s*(?:ROOT )?%([\w.-]+) = (f32\[[\d,]*\])\{[\d,]*\} (\w+)\(", line))
-              and mt.group(2) in guarded
-              and (mt.group(3) in ("copy", "transpose") or (mt.group(3) == "fusion" and re.search(
-                  r"copy|transpose", mt.group(1))))]
+    copies = [
+        line.strip()[:160]
+        for line in hlo.splitlines()
+        if (mt := re.match(r"\s*(?:ROOT )?%([\w.-]+) = (f32\[[\d,]*\])\{[\d,]*\} (\w+)\(", line))
+        and mt.group(2) in guarded
+        and (
+            mt.group(3) in ("copy", "transpose")
+            or (mt.group(3) == "fusion" and re.search(r"copy|transpose", mt.group(1)))
+        )
+    ]
     assert not copies, "\n".join(copies)
     assert "dot(" in hlo or "fusion" in hlo  # the program was inspected, not an empty text
 
@@ -388,7 +452,7 @@ def test_a_final_decode_call_does_not_feed_its_last_token(tmp_path):
     lengths = np.array([8, 5, 3], np.int32)
     tokens = np.zeros((b, t), np.int32)
     for i, p in enumerate(_prompts(config.vocab_size, lengths)):
-        tokens[i, :len(p)] = p
+        tokens[i, : len(p)] = p
     pre, dec = programs.prefill_program(config, NUM, t, mesh), programs.decode_program(config, NUM, mesh)
 
     def run(steps, final):

@@ -33,8 +33,17 @@ def tiny(tmp_path_factory, v1_tokenizer_path):
     model.save_pretrained(d)
     shutil.copy(v1_tokenizer_path, os.path.join(d, "tokenizer.model"))
     with open(os.path.join(d, "tokenizer_config.json"), "w") as fh:
-        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                   "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}, fh)
+        json.dump(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+            },
+            fh,
+        )
     return d, model
 
 
@@ -56,16 +65,20 @@ def _requests(kind, args):
     return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
 
 
-LONG = ("The river ran past the old mill and under the stone bridge, where children fished on summer evenings "
-        "and the miller's dog slept in the shade of the willow trees that grew along the bank")
+LONG = (
+    "The river ran past the old mill and under the stone bridge, where children fished on summer evenings "
+    "and the miller's dog slept in the shade of the willow trees that grew along the bank"
+)
 
 
 def test_token_splits_and_loglikelihoods_equal_hf(ours, theirs):
-    pairs = [("Question: What is the capital of France?\nAnswer:", " Paris"),
-             ("The capital of France is ", "Paris, a city on the Seine."),  # trailing space moves over
-             ("", "Hello world"),  # empty context: conditioned on BOS
-             (LONG, " and the fish"),  # longer than max_length: truncated from the left
-             ("One two", " three four five six seven eight nine ten")]
+    pairs = [
+        ("Question: What is the capital of France?\nAnswer:", " Paris"),
+        ("The capital of France is ", "Paris, a city on the Seine."),  # trailing space moves over
+        ("", "Hello world"),  # empty context: conditioned on BOS
+        (LONG, " and the fish"),  # longer than max_length: truncated from the left
+        ("One two", " three four five six seven eight nine ten"),
+    ]
     for ctx, cont in pairs:
         if ctx:
             assert ours._encode_pair(ctx, cont) == theirs._encode_pair(ctx, cont)
@@ -88,8 +101,11 @@ def test_rolling_loglikelihoods_equal_hf(ours, theirs):
 def test_generate_until_gives_hf_greedy_text(ours, theirs):
     """Stop strings cut where transformers' do (one taken from the middle of the free text), the context
     keeps its last max_length - max_gen_toks tokens, and max_gen_toks bounds the rest."""
-    free = [("Once upon a time", {"until": [], "max_gen_toks": 12}), (LONG, {"max_gen_toks": 12}),
-            ("Hi", {"until": ["\n\n"], "max_gen_toks": 5, "do_sample": False, "temperature": 0.0})]
+    free = [
+        ("Once upon a time", {"until": [], "max_gen_toks": 12}),
+        (LONG, {"max_gen_toks": 12}),
+        ("Hi", {"until": ["\n\n"], "max_gen_toks": 5, "do_sample": False, "temperature": 0.0}),
+    ]
     got = ours.generate_until(_requests("generate_until", free))
     assert got == theirs.generate_until(_requests("generate_until", free))
     stop = got[0].split()[len(got[0].split()) // 2]
@@ -111,19 +127,31 @@ def test_adapter_scores_equal_hf_with_peft(tiny, tmp_path, theirs):
     out = str(tmp_path / "adapter")
     peft_model = make_peft(tiny[1], out, r=2, target_modules=["q_proj", "o_proj", "up_proj"])
     ours = MistralJaxLM(checkpoint=tiny[0], adapter=out, batch_size=4, max_length=MAX_LENGTH)
-    merged = HFLM(pretrained=peft_model.merge_and_unload(), tokenizer=theirs.tokenizer, batch_size=1,
-                  max_length=MAX_LENGTH, device="cpu")
+    merged = HFLM(
+        pretrained=peft_model.merge_and_unload(),
+        tokenizer=theirs.tokenizer,
+        batch_size=1,
+        max_length=MAX_LENGTH,
+        device="cpu",
+    )
     assert isinstance(merged.tokenizer, transformers.PreTrainedTokenizerBase)
-    pairs = _requests("loglikelihood", [("Question: What is the capital of France?\nAnswer:", " Paris"),
-                                        (LONG, " and the fish")])
+    pairs = _requests(
+        "loglikelihood", [("Question: What is the capital of France?\nAnswer:", " Paris"), (LONG, " and the fish")]
+    )
     got, want, base = ours.loglikelihood(pairs), merged.loglikelihood(pairs), theirs.loglikelihood(pairs)
     assert [g for g, _ in got] == pytest.approx([w for w, _ in want], abs=1e-4)
     assert abs(got[0][0] - base[0][0]) > 1e-2  # the adapter moves the scores
 
 
 def _evaluate(lm, tasks, **kw):
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=TASKS,
-                                   include_defaults=False), log_samples=True, bootstrap_iters=0, **kw)
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=TASKS, include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,
+        **kw,
+    )
 
 
 def test_local_tasks_equal_hf(ours, theirs):
@@ -172,8 +200,20 @@ def test_cli_runs_lm_eval_on_a_local_task(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasks)
     monkeypatch.setattr(sys, "argv", ["python -m infer.eval"])
     out = tmp_path / "out"
-    argv = ["--checkpoint", tiny[0], "--tasks", "mj_local_mc", "--include_path", TASKS, "--limit", "4",
-            "--model_args", f"max_length={MAX_LENGTH}", "--output_path", str(out)]
+    argv = [
+        "--checkpoint",
+        tiny[0],
+        "--tasks",
+        "mj_local_mc",
+        "--include_path",
+        TASKS,
+        "--limit",
+        "4",
+        "--model_args",
+        f"max_length={MAX_LENGTH}",
+        "--output_path",
+        str(out),
+    ]
     assert launch.run_tool(eval_cli.main, argv) == 0
     assert "mj_local_mc" in capsys.readouterr().out
     results = [os.path.join(b, f) for b, _, fs in os.walk(out) for f in fs if f.startswith("results")]
@@ -181,8 +221,10 @@ def test_cli_runs_lm_eval_on_a_local_task(tiny, tmp_path, monkeypatch, capsys):
     assert data["config"]["model"] == "mistral_jax" and data["results"]["mj_local_mc"]["sample_len"] == 4
     assert tiny[0] in json.dumps(data["config"]["model_args"])
 
-    for bad, message in ((["--checkpoint", str(tmp_path / "missing"), "--tasks", "x"], "missing: not a directory"),
-                         (["--checkpoint", tiny[0], "--model", "hf", "--tasks", "x"], "--model is set by infer.eval")):
+    for bad, message in (
+        (["--checkpoint", str(tmp_path / "missing"), "--tasks", "x"], "missing: not a directory"),
+        (["--checkpoint", tiny[0], "--model", "hf", "--tasks", "x"], "--model is set by infer.eval"),
+    ):
         assert launch.run_tool(eval_cli.main, bad) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
@@ -191,6 +233,12 @@ def test_cli_runs_lm_eval_on_a_local_task(tiny, tmp_path, monkeypatch, capsys):
 def test_cli_script_starts(tmp_path):
     """The module runs as a script: a user error is one line and exit code 2."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, "-m", "infer.eval", "--checkpoint", str(tmp_path / "missing"), "--tasks",
-                        "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "infer.eval", "--checkpoint", str(tmp_path / "missing"), "--tasks", "x"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip() == f"error: --checkpoint {tmp_path / 'missing'}: not a directory"

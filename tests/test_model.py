@@ -14,12 +14,14 @@ from mistral_jax.config import MistralConfig
 
 def _ours(weights, c):
     """Our param tree from a transformers state dict, through the param spec's views."""
+
     def leaf(w):
         out = np.zeros(w.full_shape(c), np.float32)
         for i in range(c.n_layers if w.layered else 1):
             view, shape = w.view(out[i] if w.layered else out, c)
             view[...] = weights[w.hf.format(l=i)].reshape(shape)
         return jnp.asarray(out)
+
     return params_lib.build(c, leaf)
 
 
@@ -47,8 +49,10 @@ def test_attached_adapters_equal_the_weights_merged_in_numpy():
     p = _ours(weights, c)
     spec = lora.LoraConfig(rank=3, alpha=6.0, targets=("q", "o", "down"))
     rng = np.random.default_rng(1)
-    adapters = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(np.float32) * 0.05),
-                            lora.init_lora(c, spec, jax.random.key(0)))
+    adapters = jax.tree.map(
+        lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(np.float32) * 0.05),
+        lora.init_lora(c, spec, jax.random.key(0)),
+    )
     merged = jax.tree.map(lambda x: np.array(x, copy=True), p)
     for group, name in (("attention", "wq"), ("attention", "wo"), ("feed_forward", "w2")):
         a, b = np.asarray(adapters["layers"][group][name + "_a"]), np.asarray(adapters["layers"][group][name + "_b"])

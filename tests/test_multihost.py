@@ -56,7 +56,7 @@ def _train(params, config, batch, mm=None):
     step = ts.jit_train_step(config, opt_cfg, grad_accum=2, mm=mm)
     init = jax.jit(lambda p: TrainState.create(p, opt, 0), out_shardings=state_sh)
     metrics = []
-    with (mm.activate() if mm is not None else _null()):
+    with mm.activate() if mm is not None else _null():
         state = init(params)
         for _ in range(STEPS):
             state, m = step(state, None, batch)
@@ -104,12 +104,20 @@ def _finetune_files(tmp):
     config = get_preset("tiny")
     rng = np.random.default_rng(9)
     params = jax.tree_util.tree_map_with_path(
-        lambda path, s: (1.0 if "norm" in jax.tree_util.keystr(path) else 0.0)
-        + 0.02 * rng.standard_normal(s.shape).astype(np.float32), params_lib.param_shapes(config))
+        lambda path, s: (
+            (1.0 if "norm" in jax.tree_util.keystr(path) else 0.0)
+            + 0.02 * rng.standard_normal(s.shape).astype(np.float32)
+        ),
+        params_lib.param_shapes(config),
+    )
     checkpoint.save(str(tmp / "tiny"), params, config, tokenizer=mistral_common_tokenizer("v1"))
     qa = [(f"What is {a} plus {b}?", f"{a + b}.") for a, b in rng.integers(1, 50, (24, 2)).tolist()]
-    (tmp / "ft.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {
-        "role": "assistant", "content": a}]}) + "\n" for q, a in qa))
+    (tmp / "ft.jsonl").write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in qa
+        )
+    )
     (tmp / "ft.yaml").write_text(f"""
 init: {tmp / "tiny"}
 train: {tmp / "ft.jsonl"}
@@ -143,29 +151,55 @@ def _free_port():
 
 def test_two_processes_give_the_single_process_results(tmp_path):
     import jax
-
     from hf_models import make_hf_model
+
     from infer import score as score_cli
     from mistral_jax import checkpoint
-
     from train import finetune
 
     make_hf_model(2, **MODEL)[0].save_pretrained(tmp_path / "hf")
     _finetune_files(tmp_path)
     rng = np.random.default_rng(5)
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "ids": rng.integers(3, 128, n).tolist()})
-                                               + "\n" for i, n in enumerate(ROW_LENGTHS)))
+    (tmp_path / "in.jsonl").write_text(
+        "".join(
+            json.dumps({"id": f"r{i}", "ids": rng.integers(3, 128, n).tolist()}) + "\n"
+            for i, n in enumerate(ROW_LENGTHS)
+        )
+    )
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)
-    procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(port), str(i)], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(tmp_path), str(port), str(i)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         # The single-process, single-device reference, while the two processes run.
-        assert score_cli.main(["--checkpoint", str(tmp_path / "hf"), "--input", str(tmp_path / "in.jsonl"),
-                               "--output", str(tmp_path / "ref.jsonl"), "--batch-size", "3"]) == 0
+        assert (
+            score_cli.main(
+                [
+                    "--checkpoint",
+                    str(tmp_path / "hf"),
+                    "--input",
+                    str(tmp_path / "in.jsonl"),
+                    "--output",
+                    str(tmp_path / "ref.jsonl"),
+                    "--batch-size",
+                    "3",
+                ]
+            )
+            == 0
+        )
         config = checkpoint.load_config(tmp_path / "hf")
-        ref_metrics, ref_params = _train(checkpoint.load_params(tmp_path / "hf", config), config,
-                                         jax.tree.map(jax.numpy.asarray, _train_batch()))
+        ref_metrics, ref_params = _train(
+            checkpoint.load_params(tmp_path / "hf", config), config, jax.tree.map(jax.numpy.asarray, _train_batch())
+        )
         assert finetune.main(_finetune_args(tmp_path, "ft-ref")) == 0
         logs = [p.communicate(timeout=900)[0] for p in procs]
     finally:
@@ -185,8 +219,10 @@ def test_two_processes_give_the_single_process_results(tmp_path):
     result = json.loads((tmp_path / "train.json").read_text())
     np.testing.assert_allclose(result["metrics"], ref_metrics, rtol=1e-5)
     got = np.load(tmp_path / "train-params.npz")
-    flat = {"/".join(str(k.key) for k in path): np.asarray(x)
-            for path, x in jax.tree_util.tree_flatten_with_path(ref_params)[0]}
+    flat = {
+        "/".join(str(k.key) for k in path): np.asarray(x)
+        for path, x in jax.tree_util.tree_flatten_with_path(ref_params)[0]
+    }
     assert sorted(got.files) == sorted(flat)
     for leaf, want in flat.items():
         np.testing.assert_allclose(got[leaf], want, atol=2e-6, rtol=0, err_msg=leaf)
@@ -200,7 +236,8 @@ def test_two_processes_give_the_single_process_results(tmp_path):
     assert [r["step"] for r in got_rows] == list(range(1, FINETUNE_STEPS + 1))
     np.testing.assert_allclose([r["loss"] for r in got_rows], [r["loss"] for r in ref_rows], rtol=1e-5)
     assert sorted(os.listdir(tmp_path / "ft-mh" / "checkpoints")) == sorted(
-        os.listdir(tmp_path / "ft-ref" / "checkpoints"))
+        os.listdir(tmp_path / "ft-ref" / "checkpoints")
+    )
     final_config = checkpoint.load_config(tmp_path / "ft-mh" / "final")
     want = checkpoint.load_params(tmp_path / "ft-ref" / "final", final_config)
     got = checkpoint.load_params(tmp_path / "ft-mh" / "final", final_config)
@@ -208,6 +245,7 @@ def test_two_processes_give_the_single_process_results(tmp_path):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, err_msg=jax.tree_util.keystr(path))
     assert (tmp_path / "ft-mh" / "final" / "tokenizer.model").is_file()
     from safetensors.numpy import load_file
+
     want, got = (load_file(tmp_path / d / "final_adapter" / "adapter_model.safetensors") for d in ("ft-ref", "ft-mh"))
     assert sorted(got) == sorted(want)
     for k in want:
@@ -222,8 +260,24 @@ def _worker(tmp, port, pid):
     from infer import score as score_cli
 
     def score(ckpt, out):
-        assert score_cli.main(["--checkpoint", str(tmp / ckpt), "--input", str(tmp / "in.jsonl"), "--output",
-                               str(tmp / out), "--batch-size", "3", "--mesh", MESH, *flags]) == 0
+        assert (
+            score_cli.main(
+                [
+                    "--checkpoint",
+                    str(tmp / ckpt),
+                    "--input",
+                    str(tmp / "in.jsonl"),
+                    "--output",
+                    str(tmp / out),
+                    "--batch-size",
+                    "3",
+                    "--mesh",
+                    MESH,
+                    *flags,
+                ]
+            )
+            == 0
+        )
 
     score("hf", "score-hf.jsonl")  # joins the other process (distributed.initialize) on the way
 
@@ -238,7 +292,7 @@ def _worker(tmp, port, pid):
     assert {d.process_index for d in mm.mesh.devices[pid].flat} == {pid}
     params = checkpoint.load_params(tmp / "hf", config, "float32", shardings=mm.param_shardings)
     checkpoint.save(tmp / "orbax", params, config)  # each process writes its shards
-    score("orbax", "score-orbax.jsonl")                      # and each restores only its own
+    score("orbax", "score-orbax.jsonl")  # and each restores only its own
 
     # Training: each process builds only its share of the rows (every other row), the global batch is
     # assembled from the shares. The loss is a sum over rows, so the row order does not change the step.
@@ -247,8 +301,13 @@ def _worker(tmp, port, pid):
     metrics, trained = _train(params, config, batch, mm)
     if distributed.is_main():
         (tmp / "train.json").write_text(json.dumps({"metrics": metrics}))
-        np.savez(tmp / "train-params.npz", **{"/".join(str(k.key) for k in path): np.asarray(x)
-                                              for path, x in jax.tree_util.tree_flatten_with_path(trained)[0]})
+        np.savez(
+            tmp / "train-params.npz",
+            **{
+                "/".join(str(k.key) for k in path): np.asarray(x)
+                for path, x in jax.tree_util.tree_flatten_with_path(trained)[0]
+            },
+        )
     from train import finetune
 
     assert finetune.main(_finetune_args(tmp, "ft-mh", "--mesh", MESH, *flags)) == 0

@@ -35,11 +35,12 @@ def _execute(nb, tmp_path):
     # The venv's python3 kernelspec (ipykernel's, or the one it installs under sys.prefix); jupyter_client
     # starts it with sys.executable, this interpreter: no `ipykernel install --user` needed.
     assert KernelSpecManager().get_kernel_spec("python3")
-    check = nbformat.v4.new_code_cell(f"import sys, os\nassert os.path.realpath(sys.executable) == "
-                                      f"{os.path.realpath(sys.executable)!r}, sys.executable")
+    check = nbformat.v4.new_code_cell(
+        f"import sys, os\nassert os.path.realpath(sys.executable) == "
+        f"{os.path.realpath(sys.executable)!r}, sys.executable"
+    )
     nb.cells.insert(0, check)
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                                     resources={"metadata": {"path": EXAMPLES}})
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": EXAMPLES}})
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MPLBACKEND", raising=False)
         mp.setenv("MISTRAL_JAX_CACHE", str(tmp_path / "xla"))  # the kernel's compilation cache

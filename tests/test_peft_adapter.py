@@ -65,7 +65,8 @@ def test_peft_adapter_gives_peft_logits(tmp_path, hf_model, base_dir, targets, r
     assert spec.rank == 4 and spec.targets == tuple(t for t in lora.TARGETS if f"{t}_proj" in targets)
     assert spec.scale == pytest.approx(8 / 2 if rslora else 8 / 4)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), adapters) == jax.tree.map(
-        lambda x: (x.shape, x.dtype), lora.lora_shapes(config, spec))
+        lambda x: (x.shape, x.dtype), lora.lora_shapes(config, spec)
+    )
     toks = tokens(config.vocab_size)
     theirs = hf_logits(peft_model, toks)
     assert np.abs(theirs - hf_logits(hf_model, toks)).max() > 1e-1  # the adapter moves the model
@@ -109,7 +110,7 @@ def test_converted_with_adapter_gives_peft_logits(tmp_path, hf_model, base_dir):
     w = hf_model.state_dict()[name + ".weight"].to(torch.bfloat16).float().numpy()
     a, b = (lora_w[f"base_model.model.{name}.lora_{x}.weight"] for x in "AB")
     want = (w + 2.0 * b @ a).astype(ml_dtypes.bfloat16).astype(np.float32)
-    np.testing.assert_allclose(got[name + ".weight"].astype(np.float32), want, rtol=2 ** -7, atol=0)
+    np.testing.assert_allclose(got[name + ".weight"].astype(np.float32), want, rtol=2**-7, atol=0)
 
 
 def test_greedy_tokens_equal_peft_generate(tmp_path, hf_model, base_dir):
@@ -123,13 +124,19 @@ def test_greedy_tokens_equal_peft_generate(tmp_path, hf_model, base_dir):
     want = []
     for p in prompts:
         with torch.no_grad():
-            ids = peft_model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones_like(torch.tensor([p])),
-                                      max_new_tokens=n_new, do_sample=False, pad_token_id=0)
-        want.append(ids[0, len(p):].tolist())
+            ids = peft_model.generate(
+                input_ids=torch.tensor([p]),
+                attention_mask=torch.ones_like(torch.tensor([p])),
+                max_new_tokens=n_new,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        want.append(ids[0, len(p) :].tolist())
     # The merged weights, as Mistral.load(base, adapter=DIR) serves them (attached adapters: the logits test).
     merged = ck.merge_adapter(params, out, config)
     got = Generator(merged, config, Numerics(), batch_size=2).generate(
-        prompts, SamplingParams(max_new_tokens=n_new, stop_token_ids=()))
+        prompts, SamplingParams(max_new_tokens=n_new, stop_token_ids=())
+    )
     assert [c.ids for c in got] == want
 
 
@@ -146,18 +153,21 @@ def _edit_config(src, dst, **changes):
     return dst
 
 
-@pytest.mark.parametrize("changes,match", [
-    (dict(use_dora=True), "DoRA"),
-    (dict(bias="all"), "trained biases: bias='all'"),
-    (dict(lora_bias=True), "LoRA bias"),
-    (dict(layers_to_transform=[0]), "layers_to_transform"),
-    (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
-    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
-    (dict(target_modules=["q_proj", "lm_head"]), "module 'lm_head' is not supported"),
-    (dict(init_lora_weights="pissa"), "changes the base weights"),
-    (dict(peft_type="IA3"), "peft_type 'IA3'"),
-    (dict(r=0), "r must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(use_dora=True), "DoRA"),
+        (dict(bias="all"), "trained biases: bias='all'"),
+        (dict(lora_bias=True), "LoRA bias"),
+        (dict(layers_to_transform=[0]), "layers_to_transform"),
+        (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
+        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+        (dict(target_modules=["q_proj", "lm_head"]), "module 'lm_head' is not supported"),
+        (dict(init_lora_weights="pissa"), "changes the base weights"),
+        (dict(peft_type="IA3"), "peft_type 'IA3'"),
+        (dict(r=0), "r must be a positive number"),
+    ],
+)
 def test_unsupported_settings_are_named(tmp_path, hf_model, base_dir, changes, match):
     out = str(tmp_path / "adapter")
     make_peft(hf_model, out, target_modules=["q_proj", "v_proj"])

@@ -1,7 +1,7 @@
 """Checks the float64 numpy oracle (tests/reference.py) against transformers' MistralForCausalLM."""
+
 import numpy as np
 import pytest
-
 from hf_models import hf_logits, make_hf_model
 from reference import forward_hf, forward_native, hf_to_native
 
@@ -45,8 +45,18 @@ def test_forward_hf_matches_transformers(case):
 def test_forward_native_matches_forward_hf(case):
     _, cfg, w, toks, ref = case
     nw, params = hf_to_native(w, cfg)
-    assert set(params) >= {"dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "norm_eps",
-                           "vocab_size", "sliding_window", "rope_theta"}
+    assert set(params) >= {
+        "dim",
+        "n_layers",
+        "head_dim",
+        "hidden_dim",
+        "n_heads",
+        "n_kv_heads",
+        "norm_eps",
+        "vocab_size",
+        "sliding_window",
+        "rope_theta",
+    }
     assert all(not k.startswith(("model.", "lm_head")) for k in nw)
     assert ("output.weight" in nw) == (not cfg["tie_word_embeddings"])
     np.testing.assert_allclose(forward_native(nw, params, toks), ref, atol=1e-9, rtol=0)
@@ -72,8 +82,10 @@ def test_hf_to_native_inverts_hf_conversion_permute(case):
 
     for layer in range(params["n_layers"]):
         for n, heads in (("q", params["n_heads"]), ("k", params["n_kv_heads"])):
-            np.testing.assert_array_equal(permute(nw[f"layers.{layer}.attention.w{n}.weight"], heads),
-                                          w[f"model.layers.{layer}.self_attn.{n}_proj.weight"])
+            np.testing.assert_array_equal(
+                permute(nw[f"layers.{layer}.attention.w{n}.weight"], heads),
+                w[f"model.layers.{layer}.self_attn.{n}_proj.weight"],
+            )
 
 
 def test_wider_window_rule_is_detected(case):
@@ -87,7 +99,7 @@ def test_wider_window_rule_is_detected(case):
     hf = hf_logits(model, toks)
     for wrong in (W + 1, W - 1):
         diff = np.abs(forward_hf(w, {**cfg, "sliding_window": wrong}, toks) - hf)
-        assert diff[:, :W - 1].max() < 1e-4  # positions < W-1 see all keys under either rule
+        assert diff[:, : W - 1].max() < 1e-4  # positions < W-1 see all keys under either rule
         assert diff.max() > 1e-2
 
 
@@ -115,8 +127,9 @@ def test_positions_offset():
     np.testing.assert_allclose(ref, forward_hf(w, cfg, toks), atol=1e-9, rtol=0)
     stretched = forward_hf(w, cfg, toks, positions=2 * np.arange(40))
     assert np.abs(stretched - ref).max() > 1e-2
-    np.testing.assert_allclose(forward_native(nw, params, toks, positions=2 * np.arange(40)), stretched,
-                               atol=1e-9, rtol=0)
+    np.testing.assert_allclose(
+        forward_native(nw, params, toks, positions=2 * np.arange(40)), stretched, atol=1e-9, rtol=0
+    )
 
 
 def test_rope_theta_from_either_key():

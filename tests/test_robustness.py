@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def ckpt(tmp_path_factory, v1_tokenizer_path):
     """A tiny random model with the v1 tokenizer, written once for the module."""
     path = tmp_path_factory.mktemp("model") / "tm"
-    model, _, _ = make_hf_model(4, vocab_size=32000, hidden_size=32, intermediate_size=48, head_dim=8,
-                                sliding_window=8, linear_std=0.1)
+    model, _, _ = make_hf_model(
+        4, vocab_size=32000, hidden_size=32, intermediate_size=48, head_dim=8, sliding_window=8, linear_std=0.1
+    )
     model.save_pretrained(path)
     shutil.copy(v1_tokenizer_path, path / "tokenizer.model")
     return path
@@ -43,13 +44,29 @@ def _cache(tmp_path, monkeypatch):
 
 def generate(ckpt, inp, out, *extra, batch=4, new=3):
     """infer.generate's exit code as its process gives it (launch.run_tool: a user error is one line, 2)."""
-    return launch.run_tool(gen_cli.main, ["--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out),
-                                          "--max-new-tokens", str(new), "--batch-size", str(batch), *extra])
+    return launch.run_tool(
+        gen_cli.main,
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            str(new),
+            "--batch-size",
+            str(batch),
+            *extra,
+        ],
+    )
 
 
 def score(ckpt, inp, out, *extra):
-    return launch.run_tool(score_cli.main, ["--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out),
-                                            "--batch-size", "4", *extra])
+    return launch.run_tool(
+        score_cli.main,
+        ["--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out), "--batch-size", "4", *extra],
+    )
 
 
 def write_rows(path, rows):
@@ -68,7 +85,9 @@ def error_lines(err):
 
 
 GOOD = [{"id": f"g{i}", "prompt_ids": [1, 5 + i, 7, 300 + i]} for i in range(5)] + [
-    {"id": "é日本😀", "prompt": "Once upon a time"}, {"id": 7, "messages": [{"role": "user", "content": "Hi"}]}]
+    {"id": "é日本😀", "prompt": "Once upon a time"},
+    {"id": 7, "messages": [{"role": "user", "content": "Hi"}]},
+]
 
 
 def _crashed(full, rows_kept=3):
@@ -78,6 +97,7 @@ def _crashed(full, rows_kept=3):
 
 
 # ---- 1. a second interruption must not wipe the output ------------------------------------------------------
+
 
 @pytest.mark.parametrize("crash_at", ["os.fsync", "shutil.copymode", "os.replace"])
 def test_a_crash_while_repairing_a_torn_tail_loses_nothing(ckpt, tmp_path, monkeypatch, crash_at):
@@ -100,8 +120,14 @@ def test_a_crash_while_repairing_a_torn_tail_loses_nothing(ckpt, tmp_path, monke
         with pytest.raises(KeyboardInterrupt):
             generate(ckpt, inp, out)
     assert out.read_bytes() == crashed
-    assert sorted(os.listdir(tmp_path)) == ["full.jsonl", "full.jsonl.manifest.json", "in.jsonl", "out.jsonl",
-                                            "out.jsonl.manifest.json", "xla"]  # no temp file, no lock left
+    assert sorted(os.listdir(tmp_path)) == [
+        "full.jsonl",
+        "full.jsonl.manifest.json",
+        "in.jsonl",
+        "out.jsonl",
+        "out.jsonl.manifest.json",
+        "xla",
+    ]  # no temp file, no lock left
     assert generate(ckpt, inp, out) == 0
     assert out.read_bytes() == full.read_bytes()
 
@@ -149,6 +175,7 @@ def test_the_output_is_never_opened_for_writing_nor_truncated(ckpt, tmp_path, mo
 
 # ---- 2. every input and flag checked before any output is opened for writing ---------------------------------
 
+
 def test_score_checks_its_input_before_touching_the_output(ckpt, tmp_path, capsys):
     out = tmp_path / "precious.jsonl"
     out.write_text("keep me\n")
@@ -165,8 +192,9 @@ def test_output_equal_to_input_is_refused(ckpt, tmp_path, capsys, tool):
     os.symlink(inp, tmp_path / "symlink.jsonl")
     for out in (inp, tmp_path / "symlink.jsonl", tmp_path / "hardlink.jsonl"):
         assert (generate if tool == "generate" else score)(ckpt, inp, out) == 2
-        assert error_lines(capsys.readouterr().err) == [f"error: --output {out} is the input file; choose another "
-                                                        f"--output"]
+        assert error_lines(capsys.readouterr().err) == [
+            f"error: --output {out} is the input file; choose another --output"
+        ]
     assert inp.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["hardlink.jsonl", "in.jsonl", "symlink.jsonl"]
 
@@ -213,8 +241,9 @@ def test_a_second_job_on_the_same_output_is_refused(ckpt, tmp_path, capsys):
     fd = os.open(f"{out}.lock", os.O_RDWR | os.O_CREAT)  # a running job holds the lock
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert generate(ckpt, inp, out) == 2
-    assert error_lines(capsys.readouterr().err) == [f"error: another job is writing {out} (it holds {out}.lock); wait "
-                                                    f"for it to finish, or choose another --output"]
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: another job is writing {out} (it holds {out}.lock); wait for it to finish, or choose another --output"
+    ]
     assert not out.exists()
     os.close(fd)  # that job died: its lock file stays, but the kernel dropped the lock
     assert generate(ckpt, inp, out) == 0
@@ -223,31 +252,32 @@ def test_a_second_job_on_the_same_output_is_refused(ckpt, tmp_path, capsys):
 
 # ---- 3. every row isolated ----------------------------------------------------------------------------------
 
+
 def test_every_bad_row_is_its_own_error_row(ckpt, tmp_path, monkeypatch):
     rows = [
-        {"id": "ok1", "prompt": "Hello"},                                     # 1
-        {"id": "sur-prompt", "prompt": "a\ud800b"},                           # 2
+        {"id": "ok1", "prompt": "Hello"},  # 1
+        {"id": "sur-prompt", "prompt": "a\ud800b"},  # 2
         {"id": "sur-msg", "messages": [{"role": "user", "content": "\udfff"}]},
-        {"id": "a\ud800", "prompt": "x"},                                     # 4: the id itself
+        {"id": "a\ud800", "prompt": "x"},  # 4: the id itself
         {"id": "m-list", "messages": [[1]]},
         {"id": "m-null", "messages": [None]},
-        {"id": "m-str", "messages": ["1", "2"]},                              # never token ids
+        {"id": "m-str", "messages": ["1", "2"]},  # never token ids
         {"id": "m-float", "messages": [1.0, 2.0]},
         {"id": "m-int", "messages": [1, 2]},
-        {"id": "p-str", "prompt_ids": ["1", "2"]},                            # 10
+        {"id": "p-str", "prompt_ids": ["1", "2"]},  # 10
         {"id": "p-float", "prompt_ids": [1.0, 2.0]},
         {"id": "p-bool", "prompt_ids": [True]},
         {"id": "p-big", "prompt_ids": [1, 10**30]},
         {"id": 1.5, "prompt": "x"},
-        {"id": True, "prompt": "x"},                                          # 15
+        {"id": True, "prompt": "x"},  # 15
         {"id": None, "prompt": "x"},
         {"id": 2**60, "prompt": "x"},
         {"id": [1], "prompt": "x"},
         {"id": "ok1", "prompt": "a duplicate id"},
-        {"id": "seed", "prompt": "x", "seed": "1"},                           # 20
+        {"id": "seed", "prompt": "x", "seed": "1"},  # 20
         {"id": "ok2", "prompt_ids": [1, 10, 20]},
         {"id": "ok3", "messages": [{"role": "user", "content": "Hi"}]},
-        {"id": "boom", "prompt_ids": [1, 99, 99, 99]},                        # generation raises
+        {"id": "boom", "prompt_ids": [1, 99, 99, 99]},  # generation raises
     ]
     inp = write_rows(tmp_path / "in.jsonl", rows)
     from mistral_jax import generator
@@ -267,19 +297,52 @@ def test_every_bad_row_is_its_own_error_row(ckpt, tmp_path, monkeypatch):
     ok = [r["id"] for r in res if "error" not in r]
     assert ok == ["ok1", "ok2", "ok3"]
     err = {r["id"]: r["error"] for r in res if "error" in r}
-    expect = {"sur-prompt": "in.jsonl:2: 'prompt': not valid Unicode", "sur-msg": "in.jsonl:3: 'messages': message 0",
-              4: "in.jsonl:4: 'id': not valid Unicode",
-              "m-list": "in.jsonl:5: 'messages': message 0 must be a {\"role\": str",
-              "m-null": "in.jsonl:6: 'messages'", "m-str": "in.jsonl:7: 'messages'", "m-float": "in.jsonl:8",
-              "m-int": "in.jsonl:9: 'messages'", "p-str": "in.jsonl:10: 'prompt_ids': token ids must be a list of "
-              "integers", "p-float": "must be a list of integers", "p-bool": "must be a list of integers",
-              "p-big": "token id 1000000000000000000000000000000 is outside", 14: "'id': must be a string or an "
-              "integer, got float", 15: "got bool", 16: "got NoneType", 17: "'id': integer ids must be within",
-              18: "got list", "seed": "in.jsonl:20: 'seed': must be an integer",
-              "boom": "in.jsonl:23: generation failed (RuntimeError: boom)"}
-    assert [r["id"] for r in res] == ["ok1", "sur-prompt", "sur-msg", 4, "m-list", "m-null", "m-str", "m-float",
-                                      "m-int", "p-str", "p-float", "p-bool", "p-big", 14, 15, 16, 17, 18, "ok1",
-                                      "seed", "ok2", "ok3", "boom"]
+    expect = {
+        "sur-prompt": "in.jsonl:2: 'prompt': not valid Unicode",
+        "sur-msg": "in.jsonl:3: 'messages': message 0",
+        4: "in.jsonl:4: 'id': not valid Unicode",
+        "m-list": "in.jsonl:5: 'messages': message 0 must be a {\"role\": str",
+        "m-null": "in.jsonl:6: 'messages'",
+        "m-str": "in.jsonl:7: 'messages'",
+        "m-float": "in.jsonl:8",
+        "m-int": "in.jsonl:9: 'messages'",
+        "p-str": "in.jsonl:10: 'prompt_ids': token ids must be a list of integers",
+        "p-float": "must be a list of integers",
+        "p-bool": "must be a list of integers",
+        "p-big": "token id 1000000000000000000000000000000 is outside",
+        14: "'id': must be a string or an integer, got float",
+        15: "got bool",
+        16: "got NoneType",
+        17: "'id': integer ids must be within",
+        18: "got list",
+        "seed": "in.jsonl:20: 'seed': must be an integer",
+        "boom": "in.jsonl:23: generation failed (RuntimeError: boom)",
+    }
+    assert [r["id"] for r in res] == [
+        "ok1",
+        "sur-prompt",
+        "sur-msg",
+        4,
+        "m-list",
+        "m-null",
+        "m-str",
+        "m-float",
+        "m-int",
+        "p-str",
+        "p-float",
+        "p-bool",
+        "p-big",
+        14,
+        15,
+        16,
+        17,
+        18,
+        "ok1",
+        "seed",
+        "ok2",
+        "ok3",
+        "boom",
+    ]
     assert res[18]["error"] == f"{inp}:19: 'id': duplicate of the row on line 1"
     for k, text in expect.items():
         assert text in err[k], (k, err[k])
@@ -301,9 +364,15 @@ def test_strings_and_floats_are_never_token_ids():
 
 
 def test_score_rows_are_isolated_too(ckpt, tmp_path):
-    rows = [{"id": "ok", "ids": [1, 5, 9]}, {"id": "sur", "text": "x\ud800"}, {"id": "str-ids", "ids": ["1", "2"]},
-            {"id": "float-ids", "ids": [1.0, 2.0]}, {"id": "ok", "ids": [1, 2]}, {"id": "text", "text": "Hello"},
-            {"id": {"a": 1}, "ids": [1, 2]}]
+    rows = [
+        {"id": "ok", "ids": [1, 5, 9]},
+        {"id": "sur", "text": "x\ud800"},
+        {"id": "str-ids", "ids": ["1", "2"]},
+        {"id": "float-ids", "ids": [1.0, 2.0]},
+        {"id": "ok", "ids": [1, 2]},
+        {"id": "text", "text": "Hello"},
+        {"id": {"a": 1}, "ids": [1, 2]},
+    ]
     inp = write_rows(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     assert score(ckpt, inp, out) == 0
@@ -316,6 +385,7 @@ def test_score_rows_are_isolated_too(ckpt, tmp_path):
 
 
 # ---- 4. resume reads bytes: a torn last line, at any byte, is dropped and redone -----------------------------
+
 
 def _job_files(tmp_path, n=4):
     ids = ["é日本😀", "ü", 12, "\u00e9\u0301 combining"][:n]
@@ -342,9 +412,10 @@ def test_a_torn_last_line_is_dropped_at_every_byte_boundary(tmp_path):
             done = jo.begin()
             assert done.rows == (3 if complete else 2), tail
             assert out.read_bytes() == prefix + (last if complete else b"")  # a lost newline is appended
-            assert [r.id for r in job_output.skip_done(jsonl.read_jsonl(str(inp), job_ids=True), done, str(out))] \
-                == [r["id"] for r in rows[done.rows:]]
-            jo.write(rows[done.rows:])
+            assert [r.id for r in job_output.skip_done(jsonl.read_jsonl(str(inp), job_ids=True), done, str(out))] == [
+                r["id"] for r in rows[done.rows :]
+            ]
+            jo.write(rows[done.rows :])
         assert out.read_bytes() == full, tail  # never glued to the next row, never decoded into a crash
 
 
@@ -353,8 +424,12 @@ def test_a_damaged_row_before_the_last_one_stops_the_job_untouched(tmp_path):
     out = tmp_path / "out.jsonl"
     with JobOutput(out, inp, {"job": "test"}) as jo:
         jo.begin()
-    for damaged in (lines[0][:10] + b"\n" + lines[1], lines[0] + b'{"no": "id"}\n' + lines[1],
-                    lines[0] + b"\xff\xfe\n" + lines[1], lines[0][:-1] + lines[1] + lines[2]):  # glued
+    for damaged in (
+        lines[0][:10] + b"\n" + lines[1],
+        lines[0] + b'{"no": "id"}\n' + lines[1],
+        lines[0] + b"\xff\xfe\n" + lines[1],
+        lines[0][:-1] + lines[1] + lines[2],
+    ):  # glued
         out.write_bytes(damaged)
         with JobOutput(out, inp, {"job": "test"}) as jo, pytest.raises(JobError, match="damaged|not this job's"):
             jo.check()
@@ -379,6 +454,7 @@ def test_resume_after_a_cut_inside_a_multibyte_character_or_a_lost_newline(ckpt,
 
 # ---- 5. no code from the cache directory --------------------------------------------------------------------
 
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker
@@ -396,9 +472,27 @@ def test_garbage_and_pickles_in_the_cache_directory_are_ignored(ckpt, tmp_path):
     env = {**os.environ, "MISTRAL_JAX_CACHE": str(cache)}
 
     def run(out):
-        r = subprocess.run([sys.executable, "-m", "infer.generate", "--checkpoint", str(ckpt), "--input", str(inp),
-                            "--output", str(out), "--max-new-tokens", "3", "--batch-size", "4"],
-                           capture_output=True, text=True, cwd=ROOT, env=env)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "infer.generate",
+                "--checkpoint",
+                str(ckpt),
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "3",
+                "--batch-size",
+                "4",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         return r
 
@@ -433,6 +527,7 @@ def test_an_unusable_cache_directory_is_skipped(ckpt, tmp_path, monkeypatch, cap
 
 # ---- 6. flags: one line `error: ...`, exit 2 ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tool", ["generate", "score"])
 @pytest.mark.parametrize("size", ["-1", "0"])
 def test_a_batch_size_below_one_is_refused(ckpt, tmp_path, capsys, tool, size):
@@ -450,16 +545,22 @@ def test_a_batch_size_below_one_is_refused(ckpt, tmp_path, capsys, tool, size):
 @pytest.mark.parametrize("tool", ["generate", "score"])
 def test_user_errors_are_one_line_and_exit_2_as_processes(ckpt, tmp_path, tool):
     inp = write_rows(tmp_path / "in.jsonl", GOOD[:1])
-    cases = [(["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
-             (["--checkpoint", str(tmp_path / "nope")], f"error: checkpoint directory not found: {tmp_path / 'nope'}"),
-             (["--input", str(tmp_path / "nope.jsonl")], f"error: input file not found: {tmp_path / 'nope.jsonl'}"),
-             (["--batch-size", "x"], "error: argument --batch-size: invalid int value: 'x'")]
+    cases = [
+        (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
+        (["--checkpoint", str(tmp_path / "nope")], f"error: checkpoint directory not found: {tmp_path / 'nope'}"),
+        (["--input", str(tmp_path / "nope.jsonl")], f"error: input file not found: {tmp_path / 'nope.jsonl'}"),
+        (["--batch-size", "x"], "error: argument --batch-size: invalid int value: 'x'"),
+    ]
     for extra, want in cases:
         args = {"--checkpoint": str(ckpt), "--input": str(inp), "--output": str(tmp_path / "out.jsonl")}
         args.update(zip(extra[::2], extra[1::2]))
-        r = subprocess.run([sys.executable, "-m", f"infer.{tool}", *[x for kv in args.items() for x in kv]],
-                           capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "MISTRAL_JAX_CACHE": str(tmp_path / "xla")})
+        r = subprocess.run(
+            [sys.executable, "-m", f"infer.{tool}", *[x for kv in args.items() for x in kv]],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "MISTRAL_JAX_CACHE": str(tmp_path / "xla")},
+        )
         assert r.returncode == 2, r.stderr[-2000:]
         assert error_lines(r.stderr) == [want]
         assert not (tmp_path / "out.jsonl").exists()
@@ -467,10 +568,11 @@ def test_user_errors_are_one_line_and_exit_2_as_processes(ckpt, tmp_path, tool):
 
 # ---- 7. fuzz ------------------------------------------------------------------------------------------------
 
+
 def _random_text(rng, n, surrogates=True):
-    ranges = [(0x20, 0x7e), (0xa0, 0x2ff), (0x3040, 0x30ff), (0x4e00, 0x4fff), (0x1f600, 0x1f64f), (0, 0x1f)]
+    ranges = [(0x20, 0x7E), (0xA0, 0x2FF), (0x3040, 0x30FF), (0x4E00, 0x4FFF), (0x1F600, 0x1F64F), (0, 0x1F)]
     if surrogates:
-        ranges.append((0xd800, 0xdfff))
+        ranges.append((0xD800, 0xDFFF))
     return "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(n))
 
 
@@ -494,9 +596,21 @@ def _random_value(rng, depth=0):
 def _fuzz_line(rng, k) -> bytes:
     kind = rng.randrange(12)
     if kind == 0:  # raw bytes: invalid UTF-8, control characters, half JSON
-        return rng.choice([bytes(rng.randrange(256) for _ in range(rng.randint(1, 30))), b'{"id": "x", "pro',
-                           b"\xef\xbb\xbf{}", b'{"id": "\xed\xa0\x80"}', b"\r", b"\x00", b"[" * 3000,
-                           b"1" * 5000, b'{"id": 1e999}', b'{"id": NaN}', b'{"a": 1, "a": 2}'])
+        return rng.choice(
+            [
+                bytes(rng.randrange(256) for _ in range(rng.randint(1, 30))),
+                b'{"id": "x", "pro',
+                b"\xef\xbb\xbf{}",
+                b'{"id": "\xed\xa0\x80"}',
+                b"\r",
+                b"\x00",
+                b"[" * 3000,
+                b"1" * 5000,
+                b'{"id": 1e999}',
+                b'{"id": NaN}',
+                b'{"a": 1, "a": 2}',
+            ]
+        )
     if kind == 1:  # any JSON value
         return json.dumps(_random_value(rng)).encode()
     if kind == 2:  # deep nesting inside a row
@@ -510,9 +624,13 @@ def _fuzz_line(rng, k) -> bytes:
     elif field in ("prompt", "text"):
         row[field] = _random_text(rng, rng.randint(0, 10), surrogates=rng.random() < 0.3)
     elif field == "messages":
-        row[field] = [{"role": rng.choice(["user", "assistant", "system", "bot", 3]),
-                       "content": _random_text(rng, rng.randint(0, 6), surrogates=rng.random() < 0.2)}
-                      for _ in range(rng.randint(0, 3))]
+        row[field] = [
+            {
+                "role": rng.choice(["user", "assistant", "system", "bot", 3]),
+                "content": _random_text(rng, rng.randint(0, 6), surrogates=rng.random() < 0.2),
+            }
+            for _ in range(rng.randint(0, 3))
+        ]
     else:
         row[field] = [rng.choice([1, rng.randrange(32000), rng.randrange(-5, 40000)]) for _ in range(rng.randint(0, 9))]
     if rng.random() < 0.1:

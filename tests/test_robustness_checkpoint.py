@@ -64,8 +64,9 @@ def _no_echo(e):
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Index shard names are confined to the checkpoint directory
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad", ["../secret.safetensors", "../../etc/passwd", "ABSOLUTE", "sub/shard.safetensors",
-                                 "..", "config.json", ""])
+@pytest.mark.parametrize(
+    "bad", ["../secret.safetensors", "../../etc/passwd", "ABSOLUTE", "sub/shard.safetensors", "..", "config.json", ""]
+)
 def test_index_shard_names_are_confined(tmp_path, saved, monkeypatch, bad):
     d = _copy(saved, "sharded", tmp_path)
     outside = tmp_path / "secret.safetensors"  # a file the index must not be able to reach
@@ -111,28 +112,56 @@ def _st_file(path, header: bytes):
 
 
 CORRUPTIONS = {
-    "index not JSON": ("sharded", lambda d: open(os.path.join(d, INDEX), "w").write(f'{{"weight_map": {SECRET}}}'),
-                       INDEX),
-    "index bad escape": ("sharded", lambda d: open(os.path.join(d, INDEX), "w").write(f'{{"a": "\\{SECRET}"}}'),
-                         INDEX),
-    "index not UTF-8": ("sharded", lambda d: open(os.path.join(d, INDEX), "wb").write(b"\xff\xfe" + SECRET.encode()),
-                        INDEX),
-    "config not JSON": ("hf", lambda d: open(os.path.join(d, "config.json"), "w").write(f"{{{SECRET}: 1}}"),
-                        "config.json"),
-    "config bad escape": ("hf", lambda d: open(os.path.join(d, "config.json"), "w").write(f'{{"a": "\\{SECRET}"}}'),
-                          "config.json"),
-    "config binary": ("hf", lambda d: open(os.path.join(d, "config.json"), "wb").write(b"\x89PNG" + SECRET.encode()),
-                      "config.json"),
-    "safetensors header": ("hf", lambda d: _st_file(os.path.join(d, "model.safetensors"), json.dumps(
-        {"t": {"dtype": SECRET, "shape": [1], "data_offsets": [0, 4]}}).encode()), "model.safetensors"),
-    "safetensors text": ("hf", lambda d: open(os.path.join(d, "model.safetensors"), "w").write(SECRET * 100),
-                         "model.safetensors"),
-    "orbax config": ("orbax", lambda d: open(os.path.join(d, "mistral_jax.json"), "w").write(SECRET),
-                     "mistral_jax.json"),
-    "orbax _METADATA": ("orbax", lambda d: open(os.path.join(d, "params", "_METADATA"), "w").write(SECRET),
-                        "params"),
-    "orbax checksums": ("orbax", lambda d: open(os.path.join(d, integrity.CHECKSUMS), "w").write(SECRET),
-                        integrity.CHECKSUMS),
+    "index not JSON": (
+        "sharded",
+        lambda d: open(os.path.join(d, INDEX), "w").write(f'{{"weight_map": {SECRET}}}'),
+        INDEX,
+    ),
+    "index bad escape": ("sharded", lambda d: open(os.path.join(d, INDEX), "w").write(f'{{"a": "\\{SECRET}"}}'), INDEX),
+    "index not UTF-8": (
+        "sharded",
+        lambda d: open(os.path.join(d, INDEX), "wb").write(b"\xff\xfe" + SECRET.encode()),
+        INDEX,
+    ),
+    "config not JSON": (
+        "hf",
+        lambda d: open(os.path.join(d, "config.json"), "w").write(f"{{{SECRET}: 1}}"),
+        "config.json",
+    ),
+    "config bad escape": (
+        "hf",
+        lambda d: open(os.path.join(d, "config.json"), "w").write(f'{{"a": "\\{SECRET}"}}'),
+        "config.json",
+    ),
+    "config binary": (
+        "hf",
+        lambda d: open(os.path.join(d, "config.json"), "wb").write(b"\x89PNG" + SECRET.encode()),
+        "config.json",
+    ),
+    "safetensors header": (
+        "hf",
+        lambda d: _st_file(
+            os.path.join(d, "model.safetensors"),
+            json.dumps({"t": {"dtype": SECRET, "shape": [1], "data_offsets": [0, 4]}}).encode(),
+        ),
+        "model.safetensors",
+    ),
+    "safetensors text": (
+        "hf",
+        lambda d: open(os.path.join(d, "model.safetensors"), "w").write(SECRET * 100),
+        "model.safetensors",
+    ),
+    "orbax config": (
+        "orbax",
+        lambda d: open(os.path.join(d, "mistral_jax.json"), "w").write(SECRET),
+        "mistral_jax.json",
+    ),
+    "orbax _METADATA": ("orbax", lambda d: open(os.path.join(d, "params", "_METADATA"), "w").write(SECRET), "params"),
+    "orbax checksums": (
+        "orbax",
+        lambda d: open(os.path.join(d, integrity.CHECKSUMS), "w").write(SECRET),
+        integrity.CHECKSUMS,
+    ),
 }
 
 
@@ -246,8 +275,11 @@ def test_orbax_missing_data_is_caught(tmp_path, saved, how):
         os.remove(f)
     else:
         os.truncate(f, os.path.getsize(f) // 2)
-    with pytest.raises(ck.CheckpointError, match=r"params: cannot read array '[a-z0-9_/]+': a data file is missing, "
-                                                 r"truncated or corrupt \([A-Z_]+\)$"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"params: cannot read array '[a-z0-9_/]+': a data file is missing, "
+        r"truncated or corrupt \([A-Z_]+\)$",
+    ):
         ck.load_params(d, check_finite=False)
 
 
@@ -337,9 +369,13 @@ def test_convert_cli_user_errors_are_one_line(tmp_path, saved, capsys):
 
 
 def test_convert_cli_error_from_the_shell(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "infer.convert", "--src", str(tmp_path / "nope"), "--dst",
-                        str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    r = subprocess.run(
+        [sys.executable, "-m", "infer.convert", "--src", str(tmp_path / "nope"), "--dst", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert r.returncode == 2 and r.stderr.splitlines() == [f"error: checkpoint directory not found: {tmp_path}/nope"]
 
 

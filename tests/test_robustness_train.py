@@ -38,7 +38,8 @@ def base_dir(tmp_path_factory, v1_tokenizer_path):
     rng = np.random.default_rng(7)
     params = jax.tree_util.tree_map_with_path(
         lambda path, s: ("norm" in jax.tree_util.keystr(path)) + 0.02 * rng.standard_normal(s.shape, np.float32),
-        params_lib.param_shapes(config))
+        params_lib.param_shapes(config),
+    )
     checkpoint.save(str(d), params, config)
     shutil.copy(v1_tokenizer_path, d / "tokenizer.model")
     return d
@@ -82,8 +83,11 @@ def flip_one_bit(step_dir):
         f.write(bytes([byte ^ 1]))
 
 
-DAMAGE = {"garbage": (overwrite_with_garbage, "Error reading"), "deleted": (delete_a_file, "Error reading"),
-          "one bit": (flip_one_bit, "checksum mismatch in state")}
+DAMAGE = {
+    "garbage": (overwrite_with_garbage, "Error reading"),
+    "deleted": (delete_a_file, "Error reading"),
+    "one bit": (flip_one_bit, "checksum mismatch in state"),
+}
 
 
 def write_yaml(cfg, path):
@@ -153,8 +157,7 @@ def snapshot(output):
     return files, sorted(os.listdir(output)), saved_steps(output)
 
 
-def test_resume_with_other_batch_size_seq_len_or_data_is_refused_before_writing(data, base_dir, tmp_path,
-                                                                                capsys):
+def test_resume_with_other_batch_size_seq_len_or_data_is_refused_before_writing(data, base_dir, tmp_path, capsys):
     """These crashed in DataIterator.restore after train_config.json was overwritten (a larger batch size, a
     smaller file) or resumed silently on other rows (changed data at the same path)."""
     from train import finetune
@@ -217,8 +220,9 @@ def test_settings_history_keeps_every_start(data, base_dir, tmp_path):
         f.write('{"time": "2026-')
     faster = cfg.replace(optimizer=cfg.optimizer.replace(lr=2e-2))
     assert Trainer(faster, log=logs.append).run(until_step=21) == "stopped"
-    assert any(line.startswith(f"warning: resuming {tmp_path} with changed settings: log_every, optimizer.lr")
-               for line in logs), logs
+    assert any(
+        line.startswith(f"warning: resuming {tmp_path} with changed settings: log_every, optimizer.lr") for line in logs
+    ), logs
 
     assert json.loads((tmp_path / "train_config.json").read_text()) == first  # the first start's, kept
     rows = []
@@ -242,8 +246,9 @@ def test_finetune_user_errors_are_one_line_and_exit_2(data, base_dir, tmp_path, 
 
     cfg = cfg_for(data, tmp_path / "out", base_dir)
     surrogate = tmp_path / "surrogate.jsonl"
-    surrogate.write_text(json.dumps(conversation("Hi", "Hello")) + "\n" +
-                         json.dumps(conversation("Hi \ud800", "Hello")) + "\n")
+    surrogate.write_text(
+        json.dumps(conversation("Hi", "Hello")) + "\n" + json.dumps(conversation("Hi \ud800", "Hello")) + "\n"
+    )
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     bad_yaml = tmp_path / "bad.yaml"

@@ -16,15 +16,22 @@ def settings(b, temperature=1.0, top_k=0, top_p=1.0, seed=0):
     def full(x, dt):
         return np.broadcast_to(np.asarray(x, dt), (b,)).copy()
 
-    return (full(seed, np.uint32), full(temperature, np.float32), full(top_k, np.int32),
-            full(top_p, np.float32))
+    return (full(seed, np.uint32), full(temperature, np.float32), full(top_k, np.int32), full(top_p, np.float32))
 
 
 def run(logits, seeds, steps, temperature, top_k, top_p):
     b = logits.shape[0]
     steps = np.broadcast_to(np.asarray(steps, np.int32), (b,))
-    return np.asarray(sample_jit(jnp.asarray(logits, jnp.float32), jnp.asarray(seeds), jnp.asarray(steps),
-                                 jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p)))
+    return np.asarray(
+        sample_jit(
+            jnp.asarray(logits, jnp.float32),
+            jnp.asarray(seeds),
+            jnp.asarray(steps),
+            jnp.asarray(temperature),
+            jnp.asarray(top_k),
+            jnp.asarray(top_p),
+        )
+    )
 
 
 def np_topk_set(row, k):
@@ -53,7 +60,7 @@ def np_nucleus(row, p, slack=1e-5):
 def pad_vocab(logits):
     """Small-vocabulary logits [n, v] -> [n, V], the extra tokens at -inf (probability 0)."""
     out = np.full((logits.shape[0], V), -np.inf, np.float32)
-    out[:, :logits.shape[1]] = logits
+    out[:, : logits.shape[1]] = logits
     return out
 
 
@@ -184,8 +191,16 @@ def test_top_p_exact_nucleus_edges():
     k = np.zeros(B, np.int32)
     # 0.76: the 0.125 tie keeps both. At exactly 0.5 / 0.75 the mass reaches p (these sums are exact in
     # float32), so the next token is out, as in transformers (removed where the ascending cumsum <= 1 - p).
-    cases = {0.0: {0}, 0.49: {0}, 0.5: {0}, 0.51: {0, 1}, 0.74: {0, 1}, 0.75: {0, 1}, 0.76: {0, 1, 2, 3},
-             1.0: {0, 1, 2, 3}}
+    cases = {
+        0.0: {0},
+        0.49: {0},
+        0.5: {0},
+        0.51: {0, 1},
+        0.74: {0, 1},
+        0.75: {0, 1},
+        0.76: {0, 1, 2, 3},
+        1.0: {0, 1, 2, 3},
+    }
     for p, nucleus in cases.items():
         seen = set()
         for step in range(25):
@@ -193,8 +208,10 @@ def test_top_p_exact_nucleus_edges():
         assert seen == nucleus, (p, seen)
 
 
-@pytest.mark.parametrize("setting", [dict(seed=1234, temperature=0.9, top_k=50, top_p=0.9),
-                                     dict(seed=99, temperature=1.0, top_k=0, top_p=1.0)])
+@pytest.mark.parametrize(
+    "setting",
+    [dict(seed=1234, temperature=0.9, top_k=50, top_p=0.9), dict(seed=99, temperature=1.0, top_k=0, top_p=1.0)],
+)
 def test_seed_reproducible_across_batch_size_and_position(setting):
     rng = np.random.default_rng(4)
     v = V
@@ -207,8 +224,12 @@ def test_seed_reproducible_across_batch_size_and_position(setting):
         k = rng.choice([0, 5, 100], b).astype(np.int32)
         p = rng.choice([1.0, 0.5, 0.95], b).astype(np.float32)
         logits[at] = row
-        seeds[at], temp[at], k[at], p[at] = (setting["seed"], setting["temperature"], setting["top_k"],
-                                             setting["top_p"])
+        seeds[at], temp[at], k[at], p[at] = (
+            setting["seed"],
+            setting["temperature"],
+            setting["top_k"],
+            setting["top_p"],
+        )
         return logits, seeds, temp, k, p
 
     results = []

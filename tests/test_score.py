@@ -18,8 +18,10 @@ from infer import score as score_cli
 CASES = {
     "window-4": (dict(sliding_window=4), [40, 7, 300, 2]),
     "no-window": (dict(sliding_window=None), [33, 5, 64]),
-    "gqa-head-dim-24": (dict(hidden_size=64, num_attention_heads=6, num_key_value_heads=2, head_dim=24,
-                             sliding_window=12), [50, 13, 290]),
+    "gqa-head-dim-24": (
+        dict(hidden_size=64, num_attention_heads=6, num_key_value_heads=2, head_dim=24, sliding_window=12),
+        [50, 13, 290],
+    ),
     "odd-vocab-mqa": (dict(vocab_size=97, num_key_value_heads=1, sliding_window=9), [45, 3, 27]),
     "tied": (dict(tie_word_embeddings=True, sliding_window=6), [30, 21]),
 }
@@ -40,8 +42,12 @@ def _hf_logprobs(model, ids):
 def _run_score(tmp_path, ckpt, rows, *extra):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"id": f"r{i}", "ids": r}) + "\n" for i, r in enumerate(rows)))
-    assert score_cli.main(["--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out),
-                           "--batch-size", "2", *extra]) == 0
+    assert (
+        score_cli.main(
+            ["--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out), "--batch-size", "2", *extra]
+        )
+        == 0
+    )
     return [json.loads(x) for x in out.read_text().splitlines()]
 
 
@@ -136,8 +142,21 @@ def test_score_text_rows_with_tokenizer(tmp_path, v1_tokenizer_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     texts = ["The quick brown fox jumps over the lazy dog.", "Ünïcödé and 日本語\nnew line"]
     inp.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
-    assert score_cli.main(["--checkpoint", str(tmp_path / "hf"), "--input", str(inp), "--output", str(out),
-                           "--tokenizer", v1_tokenizer_path]) == 0
+    assert (
+        score_cli.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "hf"),
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--tokenizer",
+                v1_tokenizer_path,
+            ]
+        )
+        == 0
+    )
     res = [json.loads(x) for x in out.read_text().splitlines()]
     tok = Tokenizer.from_file(v1_tokenizer_path)
     for r, t in zip(res, texts):

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(HERE)
 MESHES = ["data=2,fsdp=2,tensor=2", "fsdp=8", "data=4,tensor=2"]
 ROW_LENGTHS = [5, 13, 16, 2, 11]  # 5 rows, batch 3: never a multiple of the data-parallel size
 BATCH = 3
-NEW_TOKENS = 10                   # prompts up to 16 tokens + 10 new >> window 4: generation runs past it
+NEW_TOKENS = 10  # prompts up to 16 tokens + 10 new >> window 4: generation runs past it
 # GQA model (4 heads, 2 KV heads: tensor=2 splits both) and a 1-KV-head model (KV heads replicated).
 MODELS = {"gqa": dict(num_key_value_heads=2), "mqa": dict(num_key_value_heads=1)}
 RUNS = [("gqa", m) for m in MESHES] + [("mqa", "data=2,fsdp=2,tensor=2")]
@@ -30,6 +30,7 @@ def _model_kwargs(name):
 
 # ---- unit tests (this process, one device) --------------------------------------------------------------------
 
+
 def test_parse_mesh():
     from mistral_jax.sharding import ShardingError, parse_mesh
 
@@ -37,9 +38,15 @@ def test_parse_mesh():
     assert parse_mesh("data=2,fsdp=2,tensor=2", 8) == {"data": 2, "fsdp": 2, "tensor": 2}
     assert parse_mesh("data=2,fsdp=-1", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
     assert parse_mesh("tensor=2", 8) == {"data": 1, "fsdp": 1, "tensor": 2}  # fewer devices: allowed
-    for bad, words in [("model=2", "name one of"), ("data=2,data=2", "twice"), ("data=-1,fsdp=-1", "only one"),
-                       ("data=3,fsdp=-1", "do not divide"), ("data=4,tensor=4", "needs 16 devices"),
-                       ("fsdp=x", "must be an int"), ("fsdp=0", "positive")]:
+    for bad, words in [
+        ("model=2", "name one of"),
+        ("data=2,data=2", "twice"),
+        ("data=-1,fsdp=-1", "only one"),
+        ("data=3,fsdp=-1", "do not divide"),
+        ("data=4,tensor=4", "needs 16 devices"),
+        ("fsdp=x", "must be an int"),
+        ("fsdp=0", "positive"),
+    ]:
         with pytest.raises(ShardingError, match=words):
             parse_mesh(bad, 8)
 
@@ -58,8 +65,9 @@ def test_rules_put_batch_on_data_and_fsdp_and_weights_on_fsdp_and_tensor():
     assert specs["tok_embeddings"]["embedding"] == P("tensor", "fsdp")
     # An activation [batch, length, embed]: batch takes fsdp, so embed stays whole.
     assert sharding.spec_for(("batch", "length", "embed"), sharding.RULES) == P(("data", "fsdp"), None, None)
-    assert sharding.spec_for(sharding.CACHE_AXES["k"], sharding.RULES) == P(None, ("data", "fsdp"), "tensor",
-                                                                          None, None)
+    assert sharding.spec_for(sharding.CACHE_AXES["k"], sharding.RULES) == P(
+        None, ("data", "fsdp"), "tensor", None, None
+    )
 
 
 def test_kv_heads_that_do_not_divide_tensor_are_replicated_with_a_note():
@@ -146,7 +154,8 @@ def test_memory_plan_is_the_exact_share_of_the_real_preset():
     assert one.bytes_of("cache") == 2 * kv_cache.cache_bytes(c, 32, slots, "bfloat16")
     full = memory_plan.training(c, {"fsdp": 8}, "full", 8, 4096)
     assert full.bytes_of("weights") * 8 == c.num_params * 4 and full.bytes_of("optimizer") == 3 * full.bytes_of(
-        "weights")
+        "weights"
+    )
     lora = memory_plan.training(c, {"fsdp": 1}, "lora", 8, 4096, lora_rank=16)
     r, L, d, f, kv = 16, c.n_layers, c.dim, c.hidden_dim, c.n_kv_heads * c.head_dim
     adapters = L * r * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3)  # wq, wo; wk, wv; w1, w3, w2
@@ -162,8 +171,9 @@ def test_memory_plan_refuses_what_cannot_fit():
     with pytest.raises(memory_plan.MemoryPlanError, match=r"full fine-tuning.*107\.\d+ GiB.*80\.00 GiB free"):
         memory_plan.check(plan, memory_plan.DEVICES["h100"])
     memory_plan.check(plan, None)  # CPU: no memory reported, no refusal
-    memory_plan.check(memory_plan.training(get_preset("mistral-7b-v0.1"), {"fsdp": 8}, "full", 8, 4096),
-                      memory_plan.DEVICES["h100"])
+    memory_plan.check(
+        memory_plan.training(get_preset("mistral-7b-v0.1"), {"fsdp": 8}, "full", 8, 4096), memory_plan.DEVICES["h100"]
+    )
     out = []
     memory_plan.report(plan, print_fn=out.append)  # this CPU reports no memory: printed, not refused
     assert "not checked" in out[0] and "AdamW" in out[0]
@@ -190,23 +200,43 @@ def test_mesh_bigger_than_the_devices_is_refused_at_start_up(tmp_path):
     from infer import score as score_cli
 
     with pytest.raises(SystemExit, match=r"needs 2 devices.*1 are available"):
-        score_cli.main(["--checkpoint", str(tmp_path), "--input", str(tmp_path / "in.jsonl"),
-                        "--output", str(tmp_path / "out.jsonl"), "--mesh", "tensor=2"])
+        score_cli.main(
+            [
+                "--checkpoint",
+                str(tmp_path),
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+                "--mesh",
+                "tensor=2",
+            ]
+        )
 
 
 # ---- 8 devices: the tools on three meshes give the single-device results ----------------------------------
+
 
 def _write_inputs(tmp_path):
     rng = np.random.default_rng(3)
     rows = [rng.integers(3, 128, n).tolist() for n in ROW_LENGTHS]
     (tmp_path / "score.jsonl").write_text("".join(json.dumps({"id": i, "ids": r}) + "\n" for i, r in enumerate(rows)))
-    (tmp_path / "gen.jsonl").write_text("".join(json.dumps({"id": i, "prompt_ids": r}) + "\n"
-                                                for i, r in enumerate(rows)))
+    (tmp_path / "gen.jsonl").write_text(
+        "".join(json.dumps({"id": i, "prompt_ids": r}) + "\n" for i, r in enumerate(rows))
+    )
 
 
 def _tool_args(tmp_path, model, tool, out, mesh=None):
-    args = ["--checkpoint", str(tmp_path / model), "--input", str(tmp_path / f"{tool}.jsonl"),
-            "--output", str(out), "--batch-size", str(BATCH)]
+    args = [
+        "--checkpoint",
+        str(tmp_path / model),
+        "--input",
+        str(tmp_path / f"{tool}.jsonl"),
+        "--output",
+        str(out),
+        "--batch-size",
+        str(BATCH),
+    ]
     if tool == "gen":
         args += ["--max-new-tokens", str(NEW_TOKENS), "--ignore-eos"]
     return args + (["--mesh", mesh] if mesh else [])
@@ -218,6 +248,7 @@ def _read(path):
 
 def test_tools_on_8_devices_match_one_device(tmp_path):
     from hf_models import make_hf_model
+
     from infer import generate as gen_cli
     from infer import score as score_cli
 
@@ -225,8 +256,14 @@ def test_tools_on_8_devices_match_one_device(tmp_path):
         make_hf_model(1, **_model_kwargs(name))[0].save_pretrained(tmp_path / name)
     _write_inputs(tmp_path)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for name in MODELS:  # the single-device reference, while the subprocess runs
             assert score_cli.main(_tool_args(tmp_path, name, "score", tmp_path / f"{name}-score-ref.jsonl")) == 0
@@ -239,8 +276,9 @@ def test_tools_on_8_devices_match_one_device(tmp_path):
         ref, got = _read(tmp_path / f"{name}-score-ref.jsonl"), _read(tmp_path / f"{name}-score-{mesh}.jsonl")
         assert [r["id"] for r in got] == list(range(len(ROW_LENGTHS))), (name, mesh)
         for a, b in zip(ref, got):
-            np.testing.assert_allclose(b["token_logprobs"], a["token_logprobs"], atol=1e-5, rtol=0,
-                                       err_msg=f"{name} {mesh} row {a['id']}")
+            np.testing.assert_allclose(
+                b["token_logprobs"], a["token_logprobs"], atol=1e-5, rtol=0, err_msg=f"{name} {mesh} row {a['id']}"
+            )
         ref, got = _read(tmp_path / f"{name}-gen-ref.jsonl"), _read(tmp_path / f"{name}-gen-{mesh}.jsonl")
         assert [r["completion_ids"] for r in got] == [r["completion_ids"] for r in ref], (name, mesh)
         assert all(len(r["completion_ids"]) == NEW_TOKENS for r in got)
@@ -263,15 +301,14 @@ def test_tools_on_8_devices_match_one_device(tmp_path):
             np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5, err_msg=f"{kind} {mesh}")
             assert 3.0 < float(want["loss"]) < 7.0  # a real loss over a 128-token vocab, not 0 or nan
             for name in want:
-                np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=1e-5,
-                                           err_msg=f"{kind} {mesh} {name}")
+                np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=1e-5, err_msg=f"{kind} {mesh} {name}")
             assert checks[f"train_sharded_{kind}_{mesh}"]
 
 
 # ---- one training step on a mesh: loss and gradients -------------------------------------------------------
 
 TRAIN_KINDS = ("full", "lora")
-TRAIN_ROWS, TRAIN_LEN, TRAIN_ACCUM = 16, 24, 2   # 8 rows per microbatch: one per device on fsdp=8
+TRAIN_ROWS, TRAIN_LEN, TRAIN_ACCUM = 16, 24, 2  # 8 rows per microbatch: one per device on fsdp=8
 
 
 def _train_batch():
@@ -287,9 +324,9 @@ def _train_batch():
             if t + n > TRAIN_LEN:
                 break
             ids = rng.integers(3, 128, n + 1)
-            b["tokens"][r, t:t + n], b["targets"][r, t:t + n] = ids[:-1], ids[1:]
-            b["positions"][r, t:t + n], b["segment_ids"][r, t:t + n] = np.arange(n), seg
-            b["loss_mask"][r, t + n // 2:t + n] = 1.0
+            b["tokens"][r, t : t + n], b["targets"][r, t : t + n] = ids[:-1], ids[1:]
+            b["positions"][r, t : t + n], b["segment_ids"][r, t : t + n] = np.arange(n), seg
+            b["loss_mask"][r, t + n // 2 : t + n] = 1.0
             t += n
     return b
 
@@ -308,9 +345,13 @@ def _train_setup(tmp, kind):
     spec = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1)
     rng = np.random.default_rng(5)
     lora = jax.tree_util.tree_map_with_path(
-        lambda path, a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32)
-        if str(getattr(path[-1], "key", "")).endswith("_b") else np.asarray(a),
-        jax.device_get(lora.init_lora(config, spec, jax.random.key(1))))
+        lambda path, a: (
+            (0.05 * rng.standard_normal(a.shape)).astype(np.float32)
+            if str(getattr(path[-1], "key", "")).endswith("_b")
+            else np.asarray(a)
+        ),
+        jax.device_get(lora.init_lora(config, spec, jax.random.key(1))),
+    )
     return config, lora, params, spec
 
 
@@ -341,8 +382,9 @@ def _train_grads(tmp, kind, mm=None):
     batch_sh = ts.batch_shardings(mm)
     trainable, frozen, batch = jax.device_put((trainable, frozen, batch), (train_sh, frozen_sh, batch_sh))
     with mm.activate():
-        grads, loss, _ = jax.jit(fn, in_shardings=(train_sh, frozen_sh, batch_sh, None),
-                                 out_shardings=(train_sh, None, None))(trainable, frozen, batch, rng)
+        grads, loss, _ = jax.jit(
+            fn, in_shardings=(train_sh, frozen_sh, batch_sh, None), out_shardings=(train_sh, None, None)
+        )(trainable, frozen, batch, rng)
     split = all(len({str(s.index) for s in x.addressable_shards}) > 1 for x in jax.tree.leaves(batch))
     split &= any(len({str(s.index) for s in x.addressable_shards}) > 1 for x in jax.tree.leaves(grads))
     return {"loss": np.asarray(loss), **_flat(grads)}, split
@@ -378,9 +420,13 @@ def _worker(tmp):
         checks["bad_mesh_error"] = str(e)
 
     def spread(params):
-        return {"/".join(str(getattr(k, "key", k)) for k in path): (x.nbytes, [s.data.nbytes for s in sorted(
-            x.addressable_shards, key=lambda s: s.device.id)]) for path, x in jax.tree_util.tree_flatten_with_path(
-            params)[0]}
+        return {
+            "/".join(str(getattr(k, "key", k)) for k in path): (
+                x.nbytes,
+                [s.data.nbytes for s in sorted(x.addressable_shards, key=lambda s: s.device.id)],
+            )
+            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+        }
 
     config = checkpoint.load_config(tmp / "gqa")
     mm = sharding.ModelMesh.build(config, "fsdp=8")
@@ -389,10 +435,13 @@ def _worker(tmp):
     checkpoint.save(tmp / "orbax", imported, config)
     restored = checkpoint.load_params(tmp / "orbax", config, "float32", shardings=mm.param_shardings)
     checks["bytes_orbax"] = spread(restored)
-    checks["orbax_equal"] = all(np.array_equal(np.asarray(a), np.asarray(b))
-                                for a, b in zip(jax.tree.leaves(imported), jax.tree.leaves(restored)))
+    checks["orbax_equal"] = all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(imported), jax.tree.leaves(restored))
+    )
     checks["bytes_init"] = spread(mm.init_params(jax.random.key(0)))
     from mistral_jax import tuning
+
     checks["tuning_keeps_stacked"] = isinstance(tuning.for_inference(restored, mm)["layers"], dict)
     for name in MODELS:
         c = checkpoint.load_config(tmp / name)

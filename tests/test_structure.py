@@ -55,7 +55,7 @@ def test_no_import_cycle():
         state[m] = "open"
         for d in sorted(graph[m]):
             if state.get(d) == "open":
-                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d) :] + [d]))
             if d not in state:
                 visit(d, stack + [d])
         state[m] = "done"

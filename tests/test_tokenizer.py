@@ -10,19 +10,18 @@ import shutil
 import subprocess
 import sys
 
+import mistral_common  # noqa: E402,F401  (a test dependency: never skipped)
 import numpy as np
 import pytest
 import sentencepiece
-
-from mistral_jax.tokenizer import Tokenizer
-
-import mistral_common  # noqa: E402,F401  (a test dependency: never skipped)
+from chats import asst, sys_, user  # noqa: E402
 from mistral_common.exceptions import MistralCommonException  # noqa: E402
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage  # noqa: E402
 from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
 from mistral_common.protocol.instruct.validator import ValidationMode  # noqa: E402
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E402
-from chats import sys_, user, asst  # noqa: E402
+
+from mistral_jax.tokenizer import Tokenizer
 
 FILES = {
     "v1": "tokenizer.model.v1",  # Mistral 7B v0.1 / v0.2

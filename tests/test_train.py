@@ -75,8 +75,9 @@ _GRADS = jax.jit(ts.accumulate_grads, static_argnames=("config", "numerics", "lo
 
 def grads(params, batch, numerics=F32, grad_accum=1):
     """(grads, loss, count) of the full-model loss; always the same call signature, so one compile per shape."""
-    return _GRADS(params, None, batch, jax.random.key(0), config=CONFIG, numerics=numerics, lora_spec=None,
-                  grad_accum=grad_accum)
+    return _GRADS(
+        params, None, batch, jax.random.key(0), config=CONFIG, numerics=numerics, lora_spec=None, grad_accum=grad_accum
+    )
 
 
 LOSS = jax.jit(ts.loss_sums, static_argnames=("config", "numerics", "lora_spec"))
@@ -142,8 +143,9 @@ def lora0():
 def test_lora_step0_is_base_and_merge_equals_adapter(packed, params, lora0):
     spec = LORA_SPEC
     lora = jax.tree.map(jnp.asarray, lora0)
-    assert all(not np.any(x) for k, x in jax.tree_util.tree_leaves_with_path(lora0)
-               if jax.tree_util.keystr(k).endswith("_b']"))  # B starts at zero
+    assert all(
+        not np.any(x) for k, x in jax.tree_util.tree_leaves_with_path(lora0) if jax.tree_util.keystr(k).endswith("_b']")
+    )  # B starts at zero
     tokens = jnp.asarray(batch_of(packed, len(CONVERSATIONS))["tokens"])  # the loss test's shape: compiled once
     base = FORWARD(params, tokens, config=CONFIG)
     np.testing.assert_array_equal(lora_logits(params, lora, spec, tokens), base)
@@ -226,8 +228,9 @@ def test_nonfinite_loss_skips_the_update(packed, params, lora0):
     state, m = step(state, params, good)
     assert not bool(m["skipped"]) and int(m["bad_streak"]) == 0
     np.testing.assert_allclose(float(m["lr"]), float(OPT.schedule()(1)), rtol=1e-6)
-    assert not np.array_equal(jax.device_get(state.params)["layers"]["attention"]["wq_b"],
-                              after.params["layers"]["attention"]["wq_b"])
+    assert not np.array_equal(
+        jax.device_get(state.params)["layers"]["attention"]["wq_b"], after.params["layers"]["attention"]["wq_b"]
+    )
 
 
 def test_schedule_and_decay_mask(params):
@@ -240,9 +243,13 @@ def test_schedule_and_decay_mask(params):
     assert mask["layers"]["attention"]["wq"] is True and mask["tok_embeddings"]["embedding"] is True
     # AdamW with decay leaves a norm scale alone when its gradient is zero, and shrinks a matrix.
     opt = optax.adamw(0.1, weight_decay=0.5, mask=ts.decay_mask)
-    small = {"norm": {"scale": np.ones(4, np.float32)},
-             "layers": {"ffn_norm": {"scale": np.ones((2, 4), np.float32)},
-                        "feed_forward": {"w1": np.ones((2, 4, 8), np.float32)}}}
+    small = {
+        "norm": {"scale": np.ones(4, np.float32)},
+        "layers": {
+            "ffn_norm": {"scale": np.ones((2, 4), np.float32)},
+            "feed_forward": {"w1": np.ones((2, 4, 8), np.float32)},
+        },
+    }
     updates, _ = jax.jit(opt.update)(jax.tree.map(np.zeros_like, small), opt.init(small), small)
     assert not np.any(updates["norm"]["scale"]) and not np.any(updates["layers"]["ffn_norm"]["scale"])
     np.testing.assert_allclose(updates["layers"]["feed_forward"]["w1"], -0.1 * 0.5)

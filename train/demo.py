@@ -63,16 +63,24 @@ def main(argv=None) -> int:
     write_jsonl(os.path.join(data_dir, "train.jsonl"), demo_data.to_jsonl_rows(train))
     write_jsonl(os.path.join(data_dir, "held_out.jsonl"), demo_data.to_jsonl_rows(held_out))
     prompts_file = os.path.join(data_dir, "held_out_prompts.jsonl")  # infer.generate's input format
-    write_jsonl(prompts_file, [{"id": i, "messages": [{"role": "user", "content": q}]}
-                               for i, (q, _) in enumerate(held_out)])
+    write_jsonl(
+        prompts_file, [{"id": i, "messages": [{"role": "user", "content": q}]} for i, (q, _) in enumerate(held_out)]
+    )
     print(f"data: {len(train)} training conversations, {len(held_out)} held-out questions -> {data_dir}")
 
-    cfg = TrainConfig.load(args.config, output=args.output, steps=args.steps,
-                           train=os.path.join(data_dir, "train.jsonl"), eval=os.path.join(data_dir, "held_out.jsonl"))
+    cfg = TrainConfig.load(
+        args.config,
+        output=args.output,
+        steps=args.steps,
+        train=os.path.join(data_dir, "train.jsonl"),
+        eval=os.path.join(data_dir, "held_out.jsonl"),
+    )
     trainer = Trainer(cfg, log=lambda msg: print(msg, file=sys.stderr))
     c = trainer.config
-    print(f"model: {c.num_params / 1e6:.1f}M params (dim {c.dim}, {c.n_layers} layers, vocab {c.vocab_size}), "
-          f"random init; {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.optimizer.lr}")
+    print(
+        f"model: {c.num_params / 1e6:.1f}M params (dim {c.dim}, {c.n_layers} layers, vocab {c.vocab_size}), "
+        f"random init; {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.optimizer.lr}"
+    )
 
     # Before: the random initial model, saved and loaded the way infer.generate loads OUTPUT/final below, so
     # both go through the same code (and one compiled program).
@@ -98,8 +106,10 @@ def main(argv=None) -> int:
         mark = "ok " if got == want else "BAD"
         print(f"  [{mark}] {q!r} -> {got!r}" + ("" if got == want else f" (expected {want!r})"))
     print(f"training {train_s:.0f}s; total {time.perf_counter() - T0:.0f}s since start (imports included)")
-    print(f"next: python -m infer.generate --checkpoint {os.path.join(args.output, 'final')} --input {prompts_file} "
-          f"--output {os.path.join(args.output, 'held_out_answers.jsonl')}")
+    print(
+        f"next: python -m infer.generate --checkpoint {os.path.join(args.output, 'final')} --input {prompts_file} "
+        f"--output {os.path.join(args.output, 'held_out_answers.jsonl')}"
+    )
     return 0
 
 

@@ -40,11 +40,34 @@ from .peft import (
 )
 from .safetensors import export_hf, export_native
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ORBAX_CONFIG", "ORBAX_PARAMS", "TOKENIZER_FILES",
-           "CheckpointError", "Conversion", "UnsupportedAdapter", "adapter_config", "adapter_tensors", "convert",
-           "detect_format", "export_hf", "export_native", "files", "integrity", "load_adapter", "load_config",
-           "load_host_params", "load_params", "merge_adapter", "orbax", "read_adapter_config", "safetensors", "save",
-           "save_adapter"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "ORBAX_CONFIG",
+    "ORBAX_PARAMS",
+    "TOKENIZER_FILES",
+    "CheckpointError",
+    "Conversion",
+    "UnsupportedAdapter",
+    "adapter_config",
+    "adapter_tensors",
+    "convert",
+    "detect_format",
+    "export_hf",
+    "export_native",
+    "files",
+    "integrity",
+    "load_adapter",
+    "load_config",
+    "load_host_params",
+    "load_params",
+    "merge_adapter",
+    "orbax",
+    "read_adapter_config",
+    "safetensors",
+    "save",
+    "save_adapter",
+]
 
 Params = dict[str, Any]
 
@@ -59,8 +82,14 @@ def _put(host: np.ndarray, sharding) -> jax.Array:
     return out.block_until_ready()
 
 
-def load_params(path: str, config: MistralConfig | None = None, dtype: str = "float32",
-                shardings: Any = None, *, check_finite: bool = True) -> Params:
+def load_params(
+    path: str,
+    config: MistralConfig | None = None,
+    dtype: str = "float32",
+    shardings: Any = None,
+    *,
+    check_finite: bool = True,
+) -> Params:
     """Any supported checkpoint directory as our param tree (stacked layers, [in..., out...] projections) of
     jax.Arrays of `dtype`.
 
@@ -87,8 +116,9 @@ def load_params(path: str, config: MistralConfig | None = None, dtype: str = "fl
     return params
 
 
-def load_host_params(path: str, config: MistralConfig | None = None, dtype: str | None = None, *,
-                     check_finite: bool = True) -> Params:
+def load_host_params(
+    path: str, config: MistralConfig | None = None, dtype: str | None = None, *, check_finite: bool = True
+) -> Params:
     """Like load_params for hf/native directories, but leaves numpy arrays on the host (conversion, tests).
     dtype None keeps the checkpoint's float dtype when all its tensors share one (float32 otherwise)."""
     path = os.fspath(path)
@@ -113,8 +143,17 @@ class Conversion:
     source_format: str
 
 
-def convert(src: str, dst: str, to: str = "orbax", dtype: str | None = None, *, max_shard_bytes: float = 5e9,
-            overwrite: bool = False, check_finite: bool = True, adapter: str | None = None) -> Conversion:
+def convert(
+    src: str,
+    dst: str,
+    to: str = "orbax",
+    dtype: str | None = None,
+    *,
+    max_shard_bytes: float = 5e9,
+    overwrite: bool = False,
+    check_finite: bool = True,
+    adapter: str | None = None,
+) -> Conversion:
     """Converts a checkpoint directory to `to` in {"orbax", "hf", "native"}; tokenizer files come along.
 
     dtype None keeps the source's dtype. `check_finite`: as in load_params. `adapter`: a PEFT LoRA adapter

@@ -30,8 +30,15 @@ HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 NATIVE_CONFIG = "params.json"
 NATIVE_WEIGHTS = "consolidated.safetensors"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v2", "tokenizer.model.v3",
-                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.model.v1",
+    "tokenizer.model.v2",
+    "tokenizer.model.v3",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -44,7 +51,7 @@ class CheckpointError(ValueError):
 def short(value: object, limit: int = 200) -> str:
     """repr of a name taken from a checkpoint file, cut to `limit` characters."""
     r = repr(value)
-    return r if len(r) <= limit else r[:limit - 3] + "..."
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def reason(e: BaseException) -> str:
@@ -91,12 +98,14 @@ def detect_format(path: str) -> str:
             f"{path}: only PyTorch pickle weights found ({', '.join(torch_files)}); mistral_jax reads safetensors "
             "only. Convert them to safetensors first, e.g. transformers' `MistralForCausalLM.from_pretrained(dir)"
             ".save_pretrained(out_dir)` (writes model.safetensors), or download the repository's *.safetensors "
-            "files.")
+            "files."
+        )
     raise ValueError(
         f"{path}: unrecognized checkpoint layout; found {found or 'an empty directory'}. Expected one of: "
         f"Hugging Face ({HF_CONFIG} + {HF_WEIGHTS} or {HF_INDEX}), "
         f"Mistral native ({NATIVE_CONFIG} + {NATIVE_WEIGHTS}), "
-        f"mistral_jax ({ORBAX_CONFIG} + {ORBAX_PARAMS}/).")
+        f"mistral_jax ({ORBAX_CONFIG} + {ORBAX_PARAMS}/)."
+    )
 
 
 def load_config(path: str, **overrides) -> MistralConfig:
@@ -139,6 +148,7 @@ def check_tree(params: dict, config: MistralConfig) -> None:
 
 # ---- crash-safe writing ---------------------------------------------------------------------------------------
 
+
 def _replace_dirs(src: str, dst: str) -> None:
     """Moves the complete directory `src` to `dst`, replacing `dst` if it exists.
 
@@ -174,8 +184,7 @@ def check_replaceable(path: str, overwrite: bool) -> None:
         try:
             detect_format(path)
         except ValueError:
-            raise FileExistsError(f"refusing to replace {path}: it exists and is not a checkpoint directory") \
-                from None
+            raise FileExistsError(f"refusing to replace {path}: it exists and is not a checkpoint directory") from None
 
 
 @contextlib.contextmanager

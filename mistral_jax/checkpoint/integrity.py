@@ -39,8 +39,10 @@ def lanes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     for d, n in enumerate(x.shape):  # the row-major position, wrapping past 2^32 values
         index = index * np.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d)
     key = _fmix(index + np.uint32(0x9E3779B9))
-    return (jnp.sum(_fmix(bits ^ key), dtype=jnp.uint32),
-            jnp.sum(_fmix(bits + _fmix(key ^ np.uint32(0x7F4A7C15))), dtype=jnp.uint32))
+    return (
+        jnp.sum(_fmix(bits ^ key), dtype=jnp.uint32),
+        jnp.sum(_fmix(bits + _fmix(key ^ np.uint32(0x7F4A7C15))), dtype=jnp.uint32),
+    )
 
 
 @jax.jit

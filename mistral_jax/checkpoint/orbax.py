@@ -54,8 +54,9 @@ def _checksums(params: dict) -> dict:
     return {"algorithm": integrity.ALGORITHM, "arrays": arrays}
 
 
-def save(path: str, params: dict, config: MistralConfig, *, tokenizer: str | None = None,
-         overwrite: bool = True) -> None:
+def save(
+    path: str, params: dict, config: MistralConfig, *, tokenizer: str | None = None, overwrite: bool = True
+) -> None:
     """Saves params (jax or numpy leaves, any sharding) as our orbax checkpoint: mistral_jax.json + params/,
     and the tokenizer (a file, or a checkpoint directory whose tokenizer files come along).
 
@@ -104,8 +105,9 @@ def _metadata(params_dir: str, ckptr) -> dict:
     except Exception as e:  # or its parser's error
         item, why = None, f" ({reason(e)})"
     if item is None or getattr(item, "tree", None) is None:
-        raise CheckpointError(f"{params_dir}: unreadable orbax metadata{why}; one of {', '.join(sorted(found))} "
-                              "is corrupt")
+        raise CheckpointError(
+            f"{params_dir}: unreadable orbax metadata{why}; one of {', '.join(sorted(found))} is corrupt"
+        )
     return params_lib.flatten(dict(item.tree))
 
 
@@ -116,10 +118,16 @@ def _checksum_file(path: str) -> dict:
         return {}
     data = files.read_json(fname, "checksum file")
     arrays = data.get("arrays") if isinstance(data, dict) else None
-    if not (isinstance(data, dict) and data.get("algorithm") == integrity.ALGORITHM and isinstance(arrays, dict)
-            and all(isinstance(v, dict) for v in arrays.values())):
-        raise CheckpointError(f"{fname}: corrupt checksum file (expected algorithm {integrity.ALGORITHM!r} "
-                              "and 'arrays' of {'dtype', 'checksum'})")
+    if not (
+        isinstance(data, dict)
+        and data.get("algorithm") == integrity.ALGORITHM
+        and isinstance(arrays, dict)
+        and all(isinstance(v, dict) for v in arrays.values())
+    ):
+        raise CheckpointError(
+            f"{fname}: corrupt checksum file (expected algorithm {integrity.ALGORITHM!r} "
+            "and 'arrays' of {'dtype', 'checksum'})"
+        )
     return arrays
 
 
@@ -140,27 +148,33 @@ def _read(ckptr, pdir: str, leaf: str, shape, dtype, sharding) -> jax.Array:
     params_lib.tree_set(target, leaf, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
     # One leaf per restore: orbax stages everything one restore asks for in host memory before the device
     # copies, so leaf by leaf the staging is one leaf.
-    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=True)
+    args = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+    )
     try:
         return params_lib.tree_get(ckptr.restore(pdir, args=args), leaf)
     except Exception as e:  # tensorstore's errors carry its whole spec; the status code is what says why
         cause = e.__cause__ or e.__context__ or e
         m = re.match(r"([A-Z_]{4,}):", str(cause))  # NOT_FOUND, OUT_OF_RANGE, DATA_LOSS...
         code = m.group(1) if m else type(cause).__name__
-        raise CheckpointError(f"{pdir}: cannot read array {leaf!r}: a data file is missing, truncated or corrupt "
-                              f"({code})") from None
+        raise CheckpointError(
+            f"{pdir}: cannot read array {leaf!r}: a data file is missing, truncated or corrupt ({code})"
+        ) from None
 
 
 def _check(path: str, leaf: str, x: jax.Array, want: dict | None) -> None:
     """CheckpointError if `x` does not match its saved checksum or holds NaN/inf."""
     bad, checksum = integrity.stats(x)
     if want is not None and (want.get("dtype") != np.dtype(x.dtype).name or want.get("checksum") != checksum):
-        raise CheckpointError(f"{path}: array {leaf!r} does not match the checksum saved with it "
-                              f"({integrity.CHECKSUMS}): its data file is corrupt")
+        raise CheckpointError(
+            f"{path}: array {leaf!r} does not match the checksum saved with it "
+            f"({integrity.CHECKSUMS}): its data file is corrupt"
+        )
     if bad:
-        raise CheckpointError(f"{path}: array {leaf!r} has {bad} non-finite values (NaN/inf) of {x.size}; "
-                              "load with check_finite=False (--no-check) to accept them")
+        raise CheckpointError(
+            f"{path}: array {leaf!r} has {bad} non-finite values (NaN/inf) of {x.size}; "
+            "load with check_finite=False (--no-check) to accept them"
+        )
 
 
 def restore(path: str, config: MistralConfig, dtype: np.dtype, shardings=None, check_finite: bool = True) -> dict:
@@ -178,8 +192,7 @@ def restore(path: str, config: MistralConfig, dtype: np.dtype, shardings=None, c
             if leaf not in meta:
                 raise CheckpointError(f"{pdir}: missing array {leaf!r} (expected shape {shape})")
             if tuple(meta[leaf].shape) != shape:
-                raise CheckpointError(f"{pdir}: array {leaf!r} has shape {tuple(meta[leaf].shape)}, "
-                                      f"expected {shape}")
+                raise CheckpointError(f"{pdir}: array {leaf!r} has shape {tuple(meta[leaf].shape)}, expected {shape}")
         unexpected = sorted(set(meta) - set(want))
         if unexpected:
             raise CheckpointError(f"{pdir}: unexpected array {files.short(unexpected[0])} for the config")
@@ -198,7 +211,9 @@ def restore(path: str, config: MistralConfig, dtype: np.dtype, shardings=None, c
                 x = integrity.cast(x, dtype)
                 bad = int(integrity.nonfinite(x))
                 if bad:
-                    raise CheckpointError(f"{path}: array {leaf!r}: {bad} values overflow {dtype} (finite as "
-                                          "stored, infinite after the cast); load it in a wider dtype")
+                    raise CheckpointError(
+                        f"{path}: array {leaf!r}: {bad} values overflow {dtype} (finite as "
+                        "stored, infinite after the cast); load it in a wider dtype"
+                    )
             params_lib.tree_set(params, leaf, x)
         return params

@@ -74,20 +74,24 @@ def adapter_config(spec: LoraConfig, base_model: str | None = None) -> dict:
     }
 
 
-def save_adapter(path: str, adapters: dict, spec: LoraConfig, config: MistralConfig,
-                 base_model: str | None = None) -> None:
+def save_adapter(
+    path: str, adapters: dict, spec: LoraConfig, config: MistralConfig, base_model: str | None = None
+) -> None:
     """Writes `path`/adapter_config.json and adapter_model.safetensors (float32)."""
     tensors = adapter_tensors(adapters, spec)
     expected = config.n_layers * len(spec.targets) * 2
     if len(tensors) != expected:
-        raise ValueError(f"LoRA tree holds {len(tensors)} PEFT tensors, expected {expected} "
-                         f"({config.n_layers} layers x {len(spec.targets)} targets x A, B)")
+        raise ValueError(
+            f"LoRA tree holds {len(tensors)} PEFT tensors, expected {expected} "
+            f"({config.n_layers} layers x {len(spec.targets)} targets x A, B)"
+        )
     os.makedirs(path, exist_ok=True)
     safetensors.numpy.save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     write_json(os.path.join(path, ADAPTER_CONFIG), adapter_config(spec, base_model))
 
 
 # ---- reading --------------------------------------------------------------------------------------------------
+
 
 class UnsupportedAdapter(CheckpointError):
     """A well-formed PEFT adapter that uses a feature we do not implement; the message names it."""
@@ -108,24 +112,30 @@ def _unsupported_settings(cfg: dict) -> list[str]:
     def set_(key):
         return cfg.get(key) not in (None, False, "", [], {}, "none")
 
-    for key, what in (("use_dora", "DoRA (weight-decomposed LoRA)"), ("lora_bias", "LoRA bias on lora_B"),
-                      ("modules_to_save", "fully trained modules (modules_to_save)"),
-                      ("layers_to_transform", "adapters on some layers only (layers_to_transform)"),
-                      ("rank_pattern", "per-module ranks (rank_pattern)"),
-                      ("alpha_pattern", "per-module alphas (alpha_pattern)"),
-                      ("target_parameters", "adapters on parameters (target_parameters)"),
-                      ("trainable_token_indices", "trainable token embeddings (trainable_token_indices)"),
-                      ("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens)"),
-                      ("use_qalora", "QA-LoRA (use_qalora)"), ("megatron_config", "Megatron parallel layers"),
-                      ("fan_in_fan_out", "Conv1D weights (fan_in_fan_out)")):
+    for key, what in (
+        ("use_dora", "DoRA (weight-decomposed LoRA)"),
+        ("lora_bias", "LoRA bias on lora_B"),
+        ("modules_to_save", "fully trained modules (modules_to_save)"),
+        ("layers_to_transform", "adapters on some layers only (layers_to_transform)"),
+        ("rank_pattern", "per-module ranks (rank_pattern)"),
+        ("alpha_pattern", "per-module alphas (alpha_pattern)"),
+        ("target_parameters", "adapters on parameters (target_parameters)"),
+        ("trainable_token_indices", "trainable token embeddings (trainable_token_indices)"),
+        ("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens)"),
+        ("use_qalora", "QA-LoRA (use_qalora)"),
+        ("megatron_config", "Megatron parallel layers"),
+        ("fan_in_fan_out", "Conv1D weights (fan_in_fan_out)"),
+    ):
         if set_(key):
             bad.append(f"{what}: {key}={short(cfg[key], 60)}")
     if cfg.get("bias") not in (None, "none"):
         bad.append(f"trained biases: bias={short(cfg['bias'], 40)} (only 'none' is supported)")
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        bad.append(f"init_lora_weights={short(init, 40)} changes the base weights; convert the adapter with "
-                   "peft's path_initial_model_for_weight_conversion first")
+        bad.append(
+            f"init_lora_weights={short(init, 40)} changes the base weights; convert the adapter with "
+            "peft's path_initial_model_for_weight_conversion first"
+        )
     return bad
 
 
@@ -137,8 +147,9 @@ def _check_target_modules(target_modules: Any, where: str) -> None:
         raise CheckpointError(f"{where}: target_modules must be a list of module names or a string")
     other = sorted(m for m in target_modules if m.rsplit(".", 1)[-1] not in MODULE_TARGETS)
     if other:
-        raise UnsupportedAdapter(f"{where}: LoRA on module {short(other[0])} is not supported; adapters apply to "
-                                 f"{', '.join(MODULE_TARGETS)}")
+        raise UnsupportedAdapter(
+            f"{where}: LoRA on module {short(other[0])} is not supported; adapters apply to {', '.join(MODULE_TARGETS)}"
+        )
 
 
 def read_adapter_config(path: str) -> dict:
@@ -150,12 +161,12 @@ def read_adapter_config(path: str) -> dict:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{where}: corrupt adapter config (not a JSON object)")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise UnsupportedAdapter(f"{where}: peft_type {short(cfg.get('peft_type'), 40)} is not supported "
-                                 "(only LORA)")
+        raise UnsupportedAdapter(f"{where}: peft_type {short(cfg.get('peft_type'), 40)} is not supported (only LORA)")
     bad = _unsupported_settings(cfg)
     if bad:
-        raise UnsupportedAdapter(f"{where}: unsupported adapter feature: {bad[0]}"
-                                 + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        raise UnsupportedAdapter(
+            f"{where}: unsupported adapter feature: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        )
     for key in ("r", "lora_alpha"):
         v = cfg.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -193,9 +204,14 @@ def _open(path: str):
     weights = os.path.join(path, ADAPTER_WEIGHTS)
     if not os.path.isfile(weights):
         pickled = os.path.isfile(os.path.join(path, "adapter_model.bin"))
-        raise FileNotFoundError(f"{path}: no {ADAPTER_WEIGHTS}" + (
-            " (adapter_model.bin is a pickle, never read: re-save it with save_pretrained(safe_serialization=True))"
-            if pickled else ""))
+        raise FileNotFoundError(
+            f"{path}: no {ADAPTER_WEIGHTS}"
+            + (
+                " (adapter_model.bin is a pickle, never read: re-save it with save_pretrained(safe_serialization=True))"
+                if pickled
+                else ""
+            )
+        )
     try:
         return weights, safetensors.safe_open(weights, framework="numpy")
     except (safetensors.SafetensorError, OSError) as e:
@@ -222,16 +238,19 @@ def load_adapter(path: str, config: MistralConfig, *, check_finite: bool = True)
         if module not in index:
             if m:
                 layer = re.search(r"layers\.(\d+)\.", module)
-                why = (f"layer {layer.group(1)}, but the base model has {config.n_layers} layers"
-                       if layer and int(layer.group(1)) >= config.n_layers and module.rsplit(".", 1)[-1]
-                       in MODULE_TARGETS else f"LoRA on module {short(module)}: adapters apply to "
-                       f"{', '.join(MODULE_TARGETS)} of every layer")
+                why = (
+                    f"layer {layer.group(1)}, but the base model has {config.n_layers} layers"
+                    if layer and int(layer.group(1)) >= config.n_layers and module.rsplit(".", 1)[-1] in MODULE_TARGETS
+                    else f"LoRA on module {short(module)}: adapters apply to {', '.join(MODULE_TARGETS)} of every layer"
+                )
                 raise UnsupportedAdapter(f"{weights}: tensor {short(name)}: {why}")
             raise UnsupportedAdapter(f"{weights}: tensor {short(name)} is {_why_not_lora(name)}")
         key = (*index[module], m.group("part"))
         if key in found:
-            raise CheckpointError(f"{weights}: tensors {short(found[key])} and {short(name)} are both lora_{key[2]} "
-                                  f"of {module} (several adapters in one file?)")
+            raise CheckpointError(
+                f"{weights}: tensors {short(found[key])} and {short(name)} are both lora_{key[2]} "
+                f"of {module} (several adapters in one file?)"
+            )
         found[key] = name
     targets = tuple(t for t in TARGETS if any(k[0] == t for k in found))
     if not targets:
@@ -241,8 +260,10 @@ def load_adapter(path: str, config: MistralConfig, *, check_finite: bool = True)
             for part in "AB":
                 if (t, layer, part) not in found:
                     module = next(k for k, v in index.items() if v == (t, layer))
-                    raise UnsupportedAdapter(f"{weights}: no lora_{part} for {module} (adapters on some layers or "
-                                             "modules only are not supported)")
+                    raise UnsupportedAdapter(
+                        f"{weights}: no lora_{part} for {module} (adapters on some layers or "
+                        "modules only are not supported)"
+                    )
     alpha = float(cfg["lora_alpha"])
     if cfg.get("use_rslora"):
         alpha *= math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r); ours is alpha / r
@@ -250,7 +271,7 @@ def load_adapter(path: str, config: MistralConfig, *, check_finite: bool = True)
     layers: dict = {}
     for w in spec.weights():
         shape = w.shape(config)
-        shape_in, shape_out = shape[:w.n_in], shape[w.n_in:]
+        shape_in, shape_out = shape[: w.n_in], shape[w.n_in :]
         n_in, n_out = math.prod(shape_in), math.prod(shape_out)
         t = next(k for k, v in TARGETS.items() if "layers/" + v == w.path)
         a = np.empty((config.n_layers, *shape_in, rank), np.float32)
@@ -270,9 +291,11 @@ def _tensor(f, name: str, where: str, want: tuple[int, int], check_finite: bool)
     sl = f.get_slice(name)
     shape, code = tuple(sl.get_shape()), sl.get_dtype()
     if shape != want:
-        raise CheckpointError(f"{where}: tensor {short(name)} has shape {list(shape)}, expected {list(want)} "
-                              "(lora_A [r, in_features], lora_B [out_features, r]) for r in the adapter config "
-                              "and the base model's config")
+        raise CheckpointError(
+            f"{where}: tensor {short(name)} has shape {list(shape)}, expected {list(want)} "
+            "(lora_A [r, in_features], lora_B [out_features, r]) for r in the adapter config "
+            "and the base model's config"
+        )
     if code not in ("F64", "F32", "F16", "BF16"):
         raise CheckpointError(f"{where}: tensor {short(name)} has dtype {code}; expected a float dtype")
     try:

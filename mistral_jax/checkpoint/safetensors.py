@@ -88,22 +88,33 @@ class Source:
         by_shard: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
             # Shards are files of this directory: a path in the index would read any file the user can.
-            if not (isinstance(shard, str) and shard == os.path.basename(shard) and "\\" not in shard
-                    and "\0" not in shard and shard.endswith(".safetensors")):
-                raise CheckpointError(f"{path}: weight_map entry {short(name)} -> {short(shard)} is not a "
-                                      "'*.safetensors' file name in the checkpoint directory")
+            if not (
+                isinstance(shard, str)
+                and shard == os.path.basename(shard)
+                and "\\" not in shard
+                and "\0" not in shard
+                and shard.endswith(".safetensors")
+            ):
+                raise CheckpointError(
+                    f"{path}: weight_map entry {short(name)} -> {short(shard)} is not a "
+                    "'*.safetensors' file name in the checkpoint directory"
+                )
             by_shard.setdefault(shard, []).append(name)
         for shard, names in by_shard.items():
             shard_path = os.path.join(os.path.dirname(path), shard)
             if not os.path.isfile(shard_path):
                 more = f" and {len(names) - 1} other tensors" if len(names) > 1 else ""
-                raise FileNotFoundError(f"{path}: shard {short(shard)} is missing (expected at {shard_path}); it holds "
-                                        f"tensor {short(names[0])}{more}")
+                raise FileNotFoundError(
+                    f"{path}: shard {short(shard)} is missing (expected at {shard_path}); it holds "
+                    f"tensor {short(names[0])}{more}"
+                )
             f = self._open_file(shard_path, names)
             lacking = sorted(set(names) - set(f.keys()))
             if lacking:
-                raise CheckpointError(f"{path}: the index maps tensor {short(lacking[0])} to shard {shard!r}, "
-                                      f"but {shard_path} does not contain it")
+                raise CheckpointError(
+                    f"{path}: the index maps tensor {short(lacking[0])} to shard {shard!r}, "
+                    f"but {shard_path} does not contain it"
+                )
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -171,22 +182,30 @@ def validate(source: Source, fmt: str, config: MistralConfig) -> None:
     unexpected = [n for n in source.keys() if n not in wanted and not n.endswith(HARMLESS_SUFFIXES)]
     if unexpected:
         head = params_lib.BY_PATH["output/kernel"].stored_name(fmt)
-        why = " (config has tie_embeddings=True, so no separate output head)" \
-            if config.tie_embeddings and unexpected[0] == head else ""
+        why = (
+            " (config has tie_embeddings=True, so no separate output head)"
+            if config.tie_embeddings and unexpected[0] == head
+            else ""
+        )
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"unexpected tensor {short(unexpected[0])} in {source.where[unexpected[0]]}{why}{more}; "
-                              f"the config describes {len(wanted)} tensors")
+        raise CheckpointError(
+            f"unexpected tensor {short(unexpected[0])} in {source.where[unexpected[0]]}{why}{more}; "
+            f"the config describes {len(wanted)} tensors"
+        )
     for name, shape in wanted.items():
         path, got, code = source.info(name)
         if got != shape:
-            raise CheckpointError(f"tensor {name!r} in {path} has shape {list(got)}, expected {list(shape)} "
-                                  f"for the config (dim={config.dim}, n_layers={config.n_layers}, "
-                                  f"n_heads={config.n_heads}, n_kv_heads={config.n_kv_heads}, "
-                                  f"head_dim={config.head_dim}, hidden_dim={config.hidden_dim}, "
-                                  f"vocab_size={config.vocab_size})")
+            raise CheckpointError(
+                f"tensor {name!r} in {path} has shape {list(got)}, expected {list(shape)} "
+                f"for the config (dim={config.dim}, n_layers={config.n_layers}, "
+                f"n_heads={config.n_heads}, n_kv_heads={config.n_kv_heads}, "
+                f"head_dim={config.head_dim}, hidden_dim={config.hidden_dim}, "
+                f"vocab_size={config.vocab_size})"
+            )
         if code not in FLOAT_CODES:
-            raise CheckpointError(f"tensor {name!r} in {path} has dtype {code}; expected a float dtype "
-                                  f"({', '.join(FLOAT_CODES)})")
+            raise CheckpointError(
+                f"tensor {name!r} in {path} has dtype {code}; expected a float dtype ({', '.join(FLOAT_CODES)})"
+            )
 
 
 def open_checked(path: str, fmt: str, config: MistralConfig) -> Source:
@@ -210,19 +229,24 @@ def _fill(dst: np.ndarray, source: Source, name: str, view, config: MistralConfi
     if check_finite:
         bad = tensor.size - np.count_nonzero(np.isfinite(tensor))
         if bad:
-            raise CheckpointError(f"tensor {name!r} in {source.where[name]} has {bad} non-finite values (NaN/inf) "
-                                  f"of {tensor.size}; load with check_finite=False (--no-check) to accept them")
+            raise CheckpointError(
+                f"tensor {name!r} in {source.where[name]} has {bad} non-finite values (NaN/inf) "
+                f"of {tensor.size}; load with check_finite=False (--no-check) to accept them"
+            )
     with np.errstate(over="ignore"):  # an overflow is reported below, by name
         target[...] = tensor.reshape(stored)  # cast + rearrange in one pass
     if check_finite and dst.dtype.itemsize < tensor.dtype.itemsize:
         bad = target.size - np.count_nonzero(np.isfinite(target))
         if bad:
-            raise CheckpointError(f"tensor {name!r} in {source.where[name]}: {bad} values overflow {dst.dtype} "
-                                  "(finite as stored, infinite after the cast); load it in a wider dtype")
+            raise CheckpointError(
+                f"tensor {name!r} in {source.where[name]}: {bad} values overflow {dst.dtype} "
+                "(finite as stored, infinite after the cast); load it in a wider dtype"
+            )
 
 
-def host_leaves(source: Source, fmt: str, config: MistralConfig, dtype: np.dtype, check_finite: bool = True
-                ) -> Iterator[tuple[params_lib.Weight, np.ndarray]]:
+def host_leaves(
+    source: Source, fmt: str, config: MistralConfig, dtype: np.dtype, check_finite: bool = True
+) -> Iterator[tuple[params_lib.Weight, np.ndarray]]:
     """(weight, host array of its full shape in `dtype`), one leaf at a time, filled tensor by tensor.
     `check_finite`: CheckpointError for a tensor holding NaN or inf (or overflowing `dtype`), naming it."""
     for w in params_lib.weights(config):
@@ -240,17 +264,22 @@ def host_leaves(source: Source, fmt: str, config: MistralConfig, dtype: np.dtype
 
 # ---- writing ---------------------------------------------------------------------------------------------------
 
+
 def _export_order(config: MistralConfig) -> list[tuple[params_lib.Weight, int | None]]:
     """(weight, layer) in the usual checkpoint order: embedding, layer by layer, final norm, head."""
     ws = params_lib.weights(config)
     first = next(i for i, w in enumerate(ws) if w.layered)  # params.WEIGHTS lists them in that order
     per_layer = [w for w in ws if w.layered]
-    return ([(w, None) for w in ws[:first]] + [(w, i) for i in range(config.n_layers) for w in per_layer]
-            + [(w, None) for w in ws[first:] if not w.layered])
+    return (
+        [(w, None) for w in ws[:first]]
+        + [(w, i) for i in range(config.n_layers) for w in per_layer]
+        + [(w, None) for w in ws[first:] if not w.layered]
+    )
 
 
-def _tensor(params: dict, w: params_lib.Weight, layer: int | None, fmt: str, config: MistralConfig,
-            dtype: np.dtype) -> np.ndarray:
+def _tensor(
+    params: dict, w: params_lib.Weight, layer: int | None, fmt: str, config: MistralConfig, dtype: np.dtype
+) -> np.ndarray:
     """One stored tensor: one layer of one leaf, leaving the device alone, in the checkpoint's layout."""
     x = params_lib.tree_get(params, w.path)
     host = np.asarray(x if layer is None else x[layer])
@@ -260,8 +289,15 @@ def _tensor(params: dict, w: params_lib.Weight, layer: int | None, fmt: str, con
     return out.reshape(w.stored_shape(config))
 
 
-def write_tensors(directory: str, params: dict, config: MistralConfig, fmt: str, dtype: np.dtype,
-                  max_shard_bytes: float | None, prefix: str = "model") -> list[str]:
+def write_tensors(
+    directory: str,
+    params: dict,
+    config: MistralConfig,
+    fmt: str,
+    dtype: np.dtype,
+    max_shard_bytes: float | None,
+    prefix: str = "model",
+) -> list[str]:
     """Writes the params as safetensors in `fmt`: `{prefix}.safetensors` when they fit in `max_shard_bytes`
     (None: no limit), else transformers' `{prefix}-0000i-of-0000N.safetensors` shards and
     `{prefix}.safetensors.index.json`. A tensor larger than the limit gets a shard of its own. Returns the file
@@ -282,8 +318,11 @@ def write_tensors(directory: str, params: dict, config: MistralConfig, fmt: str,
         pattern = w.stored_name(fmt)
         return pattern if layer is None else pattern.format(l=layer)
 
-    files = [f"{prefix}.safetensors"] if len(shards) == 1 else \
-        [f"{prefix}-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    files = (
+        [f"{prefix}.safetensors"]
+        if len(shards) == 1
+        else [f"{prefix}-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
     weight_map = {}
     for fname, shard in zip(files, shards):
         tensors = {name(i): _tensor(params, *order[i], fmt, config, dtype) for i in shard}
@@ -301,8 +340,16 @@ def _dtype_name(dtype: np.dtype) -> str:
     return "bfloat16" if dtype == np.dtype(ml_dtypes.bfloat16) else dtype.name
 
 
-def export_hf(path: str, params: dict, config: MistralConfig, dtype: str = "bfloat16",
-              max_shard_bytes: float = 5e9, *, tokenizer: str | None = None, overwrite: bool = True) -> None:
+def export_hf(
+    path: str,
+    params: dict,
+    config: MistralConfig,
+    dtype: str = "bfloat16",
+    max_shard_bytes: float = 5e9,
+    *,
+    tokenizer: str | None = None,
+    overwrite: bool = True,
+) -> None:
     """Writes a transformers checkpoint (config.json + model.safetensors, or shards + index) in `dtype`."""
     check_tree(params, config)
     dt = np_dtype(dtype)
@@ -314,8 +361,15 @@ def export_hf(path: str, params: dict, config: MistralConfig, dtype: str = "bflo
         copy_tokenizer(tmp, tokenizer)
 
 
-def export_native(path: str, params: dict, config: MistralConfig, dtype: str = "bfloat16", *,
-                  tokenizer: str | None = None, overwrite: bool = True) -> None:
+def export_native(
+    path: str,
+    params: dict,
+    config: MistralConfig,
+    dtype: str = "bfloat16",
+    *,
+    tokenizer: str | None = None,
+    overwrite: bool = True,
+) -> None:
     """Writes a Mistral-native checkpoint (params.json + consolidated.safetensors), as mistral-inference reads."""
     check_tree(params, config)
     with atomic_dir(path, overwrite) as tmp:
