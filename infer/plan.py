@@ -193,7 +193,7 @@ def markdown_row(name: str, plan: memory_plan.Plan, memory: int | None) -> str:
 
 def compiled(config, args, job: str, s: dict, run, mesh_spec: str | None) -> dict:
     """aot.compile_job's report of the job, as a dict; printed unless --json."""
-    from mistral_jax import aot
+    from mistral_jax import aot, aot_programs
 
     kw = {}
     if run is not None and job in ("lora", "full"):
@@ -204,7 +204,7 @@ def compiled(config, args, job: str, s: dict, run, mesh_spec: str | None) -> dic
         config,
         args.topology,
         mesh_spec,
-        aot.Job(job, s["batch_size"], s["seq_len"], s["grad_accum"], s["lora_rank"]),
+        aot_programs.Job(job, s["batch_size"], s["seq_len"], s["grad_accum"], s["lora_rank"]),
         s["numerics"],
         **kw,
     )
@@ -225,18 +225,18 @@ def job_mesh(
 
 
 def compare_meshes(config, args, s: dict, chosen: dict[str, int]) -> list[dict]:
-    """The decode step (aot.decode_step_estimate: all layers from 1 and 2) compiled on the chosen mesh and
+    """The decode step (aot_programs.decode_step_estimate: all layers from 1 and 2) compiled on the chosen mesh and
     on the alternatives (mesh_choice.alternatives), with its roofline and the compiler's estimate; printed
     as a table unless --json."""
-    from mistral_jax import aot, kv_cache
+    from mistral_jax import aot_programs, kv_cache, topology
 
     n, c, numerics = math.prod(chosen.values()), config, s["numerics"]
-    chip, rows = aot.chip_of(args.topology), []
+    chip, rows = topology.chip_of(args.topology), []
     for sizes in [chosen] + [m for m in mesh_choice.alternatives(c, n) if m != chosen]:
-        mm = aot.model_mesh(c, args.topology, sharding.describe(sizes))
+        mm = topology.model_mesh(c, args.topology, sharding.describe(sizes))
         b = mm.round_batch(s["batch_size"])
         slots = kv_cache.num_slots(c, min(s["seq_len"], c.max_seq_len))
-        p = aot.decode_step_estimate(mm, numerics, b, slots)[0]
+        p = aot_programs.decode_step_estimate(mm, numerics, b, slots)[0]
         roof = (
             None
             if p.flops is None or p.bytes_accessed is None
@@ -300,13 +300,13 @@ def main(argv=None) -> int:
         if why:
             plan.notes.insert(0, f"mesh {sharding.describe(sizes)}: {why}")
         if args.compile:
-            from mistral_jax import aot
+            from mistral_jax import topology
 
             try:
                 out = compiled(config, args, job, s, run, sharding.describe(sizes))
                 if job == "generate":
                     out["meshes"] = compare_meshes(config, args, s, sizes)
-            except aot.AotError as e:
+            except topology.AotError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             if args.json:

@@ -72,7 +72,7 @@ def check_batch_size(requested: int) -> None:
 
 def add_args(parser) -> None:
     """--mesh (default: mesh_choice.default_mesh_spec of the tool's job) and the multi-host flags."""
-    sharding.add_mesh_arg(parser)
+    add_mesh_arg(parser)
     distributed.add_args(parser)
 
 
@@ -174,3 +174,15 @@ def exit_process(code: int) -> None:
     if jax.process_count() == 1:
         os._exit(code)
     sys.exit(code)
+
+
+def add_mesh_arg(parser) -> None:
+    parser.add_argument(
+        "--mesh",
+        default=None,
+        metavar="SPEC",
+        help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 = the rest of the devices); "
+        "default: inference puts heads and the MLP on tensor and the batch on data "
+        "(fsdp when the model does not fit so), training every device on fsdp. "
+        "See docs/scaling.md",
+    )

@@ -411,20 +411,3 @@ class ModelMesh:
 
     def like_params(self, tree):
         return like_params(tree, self.param_shardings, self.mesh)
-
-
-def per_device_bytes(x: jax.Array) -> dict[Any, int]:
-    """{device: bytes of x held there}."""
-    return {s.device: s.data.nbytes for s in x.addressable_shards}
-
-
-def add_mesh_arg(parser) -> None:
-    parser.add_argument(
-        "--mesh",
-        default=None,
-        metavar="SPEC",
-        help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 = the rest of the devices); "
-        "default: inference puts heads and the MLP on tensor and the batch on data "
-        "(fsdp when the model does not fit so), training every device on fsdp. "
-        "See docs/scaling.md",
-    )

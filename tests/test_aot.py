@@ -47,7 +47,7 @@ def _worker() -> dict:
     import jax
 
     from infer import plan
-    from mistral_jax import aot, kv_cache, programs
+    from mistral_jax import aot_programs, kv_cache, programs, topology
     from mistral_jax.config import MistralConfig, Numerics
     from mistral_jax.lora import LoraConfig
 
@@ -67,25 +67,25 @@ def _worker() -> dict:
     splash = Numerics.of("bfloat16").replace(attention_impl="splash")
     out = {}
     for spec in MESHES:
-        mm = aot.model_mesh(config, "v5e:2x4", spec)
-        params = aot.abstract_params(mm, "bfloat16")
-        cache = aot._abstract(kv_cache.KVCache.shapes(config, b, slots, "bfloat16"), mm.cache_shardings())
-        r = {"hbm_bytes": aot.CHIPS["v5e"].hbm_bytes}
+        mm = topology.model_mesh(config, "v5e:2x4", spec)
+        params = aot_programs.abstract_params(mm, "bfloat16")
+        cache = aot_programs._abstract(kv_cache.KVCache.shapes(config, b, slots, "bfloat16"), mm.cache_shardings())
+        r = {"hbm_bytes": topology.CHIPS["v5e"].hbm_bytes}
         with mm.activate():
-            step = aot._decode_step(config, splash, mm)
-            r["decode"] = aot.compile_program(
-                "decode", step, params, aot._rows(mm, (b, 1)), aot._rows(mm, (b, 1)), cache
+            step = aot_programs._decode_step(config, splash, mm)
+            r["decode"] = aot_programs.compile_program(
+                "decode", step, params, aot_programs._rows(mm, (b, 1)), aot_programs._rows(mm, (b, 1)), cache
             ).as_dict()
             prefill = programs.prefill_program(config, splash, t, mm)
-            r["prefill"] = aot.compile_program(
-                "prefill", prefill, params, aot._rows(mm, (b, t)), aot._rows(mm, (b,)), cache
+            r["prefill"] = aot_programs.compile_program(
+                "prefill", prefill, params, aot_programs._rows(mm, (b, t)), aot_programs._rows(mm, (b,)), cache
             ).as_dict()
         # A smaller step (256 tokens, adapters on q and v, no remat) keeps the compile short; the kernels, forward
         # and backward, are the same.
-        job = aot.Job("lora", batch_size=b, seq_len=256)
+        job = aot_programs.Job("lora", batch_size=b, seq_len=256)
         numerics = splash.replace(param_dtype="float32")
         lora = LoraConfig(rank=8, targets=("q", "v"))
-        r["train"] = aot.train_programs(mm, numerics, job, lora_spec=lora)[0].as_dict()
+        r["train"] = aot_programs.train_programs(mm, numerics, job, lora_spec=lora)[0].as_dict()
         out[spec] = r
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -130,7 +130,7 @@ def _worker() -> dict:
     import contextlib
     import io
 
-    from mistral_jax import aot, launch, programs, sharding, train_config
+    from mistral_jax import aot_programs, launch, programs, sharding, train_config
 
     assert jax.device_count() == 8
     weights = _weight_counts(CONFIG)
@@ -141,9 +141,9 @@ def _worker() -> dict:
         ("default", mesh_choice.default_mesh(CONFIG, "generate")),
         ("fsdp=8", sharding.ModelMesh.build(CONFIG, "fsdp=8")),
     ):
-        params = aot.abstract_params(mm, "float32")
-        state = jax.eval_shape(lambda: aot._empty_state(CONFIG, b, slots, new, "float32"))
-        state = aot._abstract(state, programs.state_shardings(mm.mesh, mm.rules))
+        params = aot_programs.abstract_params(mm, "float32")
+        state = jax.eval_shape(lambda: aot_programs._empty_state(CONFIG, b, slots, new, "float32"))
+        state = aot_programs._abstract(state, programs.state_shardings(mm.mesh, mm.rules))
         with mm.activate():
             hlo = (
                 programs.decode_program(CONFIG, numerics, mm)
