@@ -178,6 +178,8 @@ def plan_of(config, sizes, job: str, s: dict) -> memory_plan.Plan:
         base_dtype=n.dtype if lora else n.param_dtype,
         compute_dtype=n.dtype,
         lora_rank=s["lora_rank"],
+        numerics=n,
+        grad_accum=s["grad_accum"],
     )
 
 

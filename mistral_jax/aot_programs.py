@@ -324,4 +324,6 @@ def planned(mm: ModelMesh, numerics: Numerics, job: Job) -> memory_plan.Plan:
         base_dtype=numerics.dtype if lora else numerics.param_dtype,
         compute_dtype=numerics.dtype,
         lora_rank=job.lora_rank,
+        numerics=numerics,
+        grad_accum=job.grad_accum,
     )

@@ -1,14 +1,22 @@
-"""Per-device memory before compiling: params, optimizer state, KV cache, and a rough activation estimate.
+"""Per-device memory before compiling: params, optimizer state, KV cache, and an activation estimate.
 
 Everything is computed from the config and the mesh sizes alone, with the same specs sharding.py gives the
 real arrays, so `python -m infer.plan` can plan an 8-chip TPU job on a laptop. Params, optimizer state and
 the KV cache are exact (they are what the code allocates); activations are an estimate and only warn.
 
 Training assumptions (docs/scaling.md states them next to the table):
-  full  float32 master params + float32 gradients + AdamW mu and nu in float32: 16 bytes per param.
+  full  float32 master params + float32 gradients + AdamW mu and nu in float32: 16 bytes per param, plus a
+        float32 gradient accumulator when grad_accum > 1, and a compute-dtype copy of the params.
   lora  frozen base params in the run dtype; the adapters (lora.LoraConfig on every target: wq, wk, wv,
         wo, w1, w2, w3) in float32 with their gradients and AdamW state: 16 bytes per adapter param.
-  Activations with remat "full": each layer's input is saved, one layer is recomputed at a time.
+
+The activation terms follow what the TPU compiler allocates for these programs (tests/test_memory_plan.py
+compares them with its figures for v5e and v5p slices, `infer.plan --compile`): one layer's weights gathered
+over fsdp while it computes; what the layer scan saves for the backward (per Numerics.remat: each layer's input,
+every matmul output, or everything); one layer recomputed at a time, its float32 attention scores [heads, T, S]
+included where the dense path runs (attention.blockwise_attention at T <= block + window; S is the key span of a
+query block beyond that; splash and cuDNN keep no scores); the float32 logits. Generation holds one more
+KV cache (the layer scan writes a new one), two layers' gathered weights and the gathered output head.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import jax.numpy as jnp
 from . import kv_cache, sharding
 from . import lora as lora_lib
 from . import params as params_lib
-from .config import MistralConfig
+from .config import MistralConfig, Numerics
 
 GiB = 2**30
 
@@ -49,9 +57,9 @@ class MemoryPlanError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Row:
     what: str
-    bytes: int     # per device
-    how: str       # how it was counted
-    kind: str      # one of KINDS
+    bytes: int  # per device
+    how: str  # how it was counted
+    kind: str  # one of KINDS
 
 
 @dataclasses.dataclass
@@ -101,16 +109,40 @@ def lora_bytes(config: MistralConfig, mesh, rank: int, rules) -> tuple[int, int]
 def cache_bytes(config: MistralConfig, mesh, batch: int, slots: int, itemsize: int, rules) -> int:
     c = config
     kv = (c.n_layers, batch, c.n_kv_heads, slots, c.head_dim)  # the order of CACHE_AXES
-    return (2 * _sharded_bytes(kv, sharding.CACHE_AXES["k"], itemsize, mesh, rules)
-            + _sharded_bytes((batch, slots), sharding.CACHE_AXES["pos"], 4, mesh, rules))
+    return 2 * _sharded_bytes(kv, sharding.CACHE_AXES["k"], itemsize, mesh, rules) + _sharded_bytes(
+        (batch, slots), sharding.CACHE_AXES["pos"], 4, mesh, rules
+    )
 
 
 def _split(n: int, ways: int) -> int:
     return -(-n // ways)
 
 
-def inference(config: MistralConfig, mesh: Mapping[str, int] | jax.sharding.Mesh, dtype: str, batch: int,
-              total_len: int, kind: str = "generate", overlap: bool = False) -> Plan:
+def layer_bytes(config: MistralConfig, mesh, itemsize: int, rules) -> int:
+    """One layer's weights as a device holds them while computing it: gathered over fsdp, still split over
+    tensor."""
+    gathered = {**sharding.mesh_sizes(mesh), "fsdp": 1}
+    axes = jax.tree.leaves(params_lib.param_logical_axes(config)["layers"], is_leaf=sharding._is_names)
+    shapes = jax.tree.leaves(params_lib.param_shapes(config)["layers"])
+    total = sum(_sharded_bytes(s.shape, names, itemsize, gathered, rules) for names, s in zip(axes, shapes))
+    return total // config.n_layers
+
+
+# Bytes per element of a head's [T, S] attention scores held while a layer's backward runs: float32 scores
+# whose probabilities the compiler keeps in the compute dtype (fitted to the TPU compiler's allocations for
+# 32-layer programs; a scan of 2 layers, which the compiler unrolls, holds more).
+SCORE_BYTES = 3
+
+
+def inference(
+    config: MistralConfig,
+    mesh: Mapping[str, int] | jax.sharding.Mesh,
+    dtype: str,
+    batch: int,
+    total_len: int,
+    kind: str = "generate",
+    overlap: bool = False,
+) -> Plan:
     """Plan for `infer.generate` (KV cache for `batch` rows of up to `total_len` tokens, prompt and
     completion; two batches' caches with `overlap`, when the next batch's prefill runs during a decode, see
     generate.overlaps_prefill) or `infer.score` (no cache; logits of `batch` rows of `total_len` tokens).
@@ -118,53 +150,143 @@ def inference(config: MistralConfig, mesh: Mapping[str, int] | jax.sharding.Mesh
     sizes = sharding.mesh_sizes(mesh)
     rules, notes = sharding.rules_for(config, sizes)
     batch = sharding.round_batch(batch, sizes)
-    rows = [Row("params", param_bytes(config, sizes, _itemsize(dtype), rules),
-                f"{config.num_params / 1e9:.2f}B x {dtype}", "weights")]
+    size = _itemsize(dtype)
+    rows = [
+        Row("params", param_bytes(config, sizes, size, rules), f"{config.num_params / 1e9:.2f}B x {dtype}", "weights")
+    ]
+    gathered = Row(
+        "gathered layers (est.)",
+        2 * layer_bytes(config, sizes, size, rules),
+        "two layers at a time, whole over fsdp",
+        "activations",
+    )
     if kind == "generate":
         slots = kv_cache.num_slots(config, total_len)
+        cache = cache_bytes(config, sizes, batch, slots, size, rules)
         caches = 2 if overlap else 1
-        rows.append(Row("KV cache", caches * cache_bytes(config, sizes, batch, slots, _itemsize(dtype), rules),
-                        f"batch {batch} x {slots} slots x {dtype}" + (", two batches" if overlap else ""), "cache"))
+        rows.append(
+            Row(
+                "KV cache",
+                caches * cache,
+                f"batch {batch} x {slots} slots x {dtype}" + (", two batches" if overlap else ""),
+                "cache",
+            )
+        )
+        head = _split(config.vocab_size, sizes["tensor"]) * config.dim * size
+        rows += [
+            Row("KV cache update (est.)", cache, "the layer scan writes a new cache", "activations"),
+            gathered,
+            Row("gathered output (est.)", head, "vocab x dim, whole over fsdp", "activations"),
+        ]
     else:
         # token_logprobs holds the [B, T, V] float32 logits and one temporary of their size (logsumexp).
         b = _split(batch, sharding.data_parallel_size(sizes))
-        rows.append(Row("logits (estimate)", 2 * b * total_len * _split(config.vocab_size, sizes["tensor"]) * 4,
-                        f"2 x f32 [{b}, {total_len}, vocab/tensor] per device", "activations"))
+        rows += [
+            Row(
+                "logits (est.)",
+                2 * b * total_len * _split(config.vocab_size, sizes["tensor"]) * 4,
+                f"2 x f32 [{b}, {total_len}, vocab/tensor] per device",
+                "activations",
+            ),
+            gathered,
+        ]
     return Plan(f"{kind}, {dtype}, batch {batch} x {total_len} tokens", sizes, rows, notes)
 
 
-def training(config: MistralConfig, mesh: Mapping[str, int] | jax.sharding.Mesh, mode: str, batch: int,
-             seq_len: int, base_dtype: str = "bfloat16", compute_dtype: str = "bfloat16",
-             lora_rank: int = 16) -> Plan:
-    """Plan for full fine-tuning (`mode='full'`) or LoRA (`mode='lora'`), see the module docstring."""
+def training(
+    config: MistralConfig,
+    mesh: Mapping[str, int] | jax.sharding.Mesh,
+    mode: str,
+    batch: int,
+    seq_len: int,
+    base_dtype: str = "bfloat16",
+    compute_dtype: str = "bfloat16",
+    lora_rank: int = 16,
+    *,
+    numerics: Numerics | None = None,
+    grad_accum: int = 1,
+) -> Plan:
+    """Plan for full fine-tuning (`mode='full'`) or LoRA (`mode='lora'`) with `batch` rows per microbatch
+    (batch_size / grad_accum), see the module docstring. `numerics` gives the remat policy and the attention
+    kernel (default: remat full, the XLA path, in `compute_dtype`)."""
     if mode not in ("full", "lora"):
         raise ValueError(f"mode must be 'full' or 'lora', got {mode!r}")
+    numerics = numerics or Numerics(dtype=compute_dtype, remat="full")
     sizes = sharding.mesh_sizes(mesh)
     rules, notes = sharding.rules_for(config, sizes)
     batch = sharding.round_batch(batch, sizes)
     n = f"{config.num_params / 1e9:.2f}B"
+    cb = _itemsize(compute_dtype)
     if mode == "full":
         p32 = param_bytes(config, sizes, 4, rules)
-        rows = [Row("params (f32 master)", p32, f"{n} x 4 B", "weights"),
-                Row("gradients (f32)", p32, "laid out as the params", "optimizer"),
-                Row("AdamW mu + nu (f32)", 2 * p32, "laid out as the params", "optimizer")]
+        rows = [
+            Row("params (f32 master)", p32, f"{n} x 4 B", "weights"),
+            Row("gradients (f32)", p32, "laid out as the params", "optimizer"),
+            Row("AdamW mu + nu (f32)", 2 * p32, "laid out as the params", "optimizer"),
+        ]
+        if grad_accum > 1:
+            rows.append(Row("gradient accumulator (f32)", p32, f"grad_accum {grad_accum}", "optimizer"))
+        if cb != 4:  # the f32 master cast once to the compute dtype
+            rows.append(
+                Row(
+                    f"params in {compute_dtype} (est.)",
+                    param_bytes(config, sizes, cb, rules),
+                    "the cast the layers read",
+                    "activations",
+                )
+            )
     else:
         a, n_adapter = lora_bytes(config, sizes, lora_rank, rules)
-        rows = [Row(f"params (frozen, {base_dtype})", param_bytes(config, sizes, _itemsize(base_dtype), rules),
-                    f"{n} x {_itemsize(base_dtype)} B", "weights"),
-                Row("LoRA adapters (f32)", a, f"rank {lora_rank}, {n_adapter / 1e6:.1f}M params", "weights"),
-                Row("adapter gradients (f32)", a, "", "optimizer"),
-                Row("AdamW mu + nu (f32)", 2 * a, "adapters only", "optimizer")]
-    c, t = config, sizes["tensor"]
-    cb = _itemsize(compute_dtype)
-    tokens = _split(batch, sharding.data_parallel_size(sizes)) * seq_len
-    kv = c.n_kv_heads if c.n_kv_heads % t else c.n_kv_heads // t
-    saved = c.n_layers * tokens * c.dim * cb                       # scan saves each layer's input
-    layer = tokens * (4 * c.dim + (c.n_heads // t + 2 * kv) * c.head_dim * 2 + 3 * _split(c.hidden_dim, t)) * cb
-    logits = 3 * tokens * _split(c.vocab_size, t) * 4                # f32 logits, softmax, their gradient
-    rows.append(Row("activations (estimate)", saved + layer + logits,
-                    f"remat full, {tokens} tokens per device", "activations"))
+        rows = [
+            Row(
+                f"params (frozen, {base_dtype})",
+                param_bytes(config, sizes, _itemsize(base_dtype), rules),
+                f"{n} x {_itemsize(base_dtype)} B",
+                "weights",
+            ),
+            Row("LoRA adapters (f32)", a, f"rank {lora_rank}, {n_adapter / 1e6:.1f}M params", "weights"),
+            Row("adapter gradients (f32)", a * (2 if grad_accum > 1 else 1), "", "optimizer"),
+            Row("AdamW mu + nu (f32)", 2 * a, "adapters only", "optimizer"),
+        ]
+    rows += activation_rows(config, sizes, rules, batch, seq_len, numerics, cb)
     return Plan(f"{mode} fine-tuning, batch {batch} x {seq_len} tokens", sizes, rows, notes)
+
+
+def activation_rows(
+    config: MistralConfig, sizes: dict, rules, batch: int, seq_len: int, numerics: Numerics, cb: int
+) -> list[Row]:
+    """The estimated rows of a train step's activations per device (module docstring)."""
+    c, t = config, sizes["tensor"]
+    b = _split(batch, sharding.data_parallel_size(sizes))
+    tokens = b * seq_len
+    heads, kv = _split(c.n_heads, t), c.n_kv_heads if c.n_kv_heads % t else c.n_kv_heads // t
+    # A layer's matmul outputs per token: q, k, v, the attention output, w1 and w3, w2.
+    dots = (heads + 2 * kv) * c.head_dim + 2 * c.dim + 2 * _split(c.hidden_dim, t)
+    keys = 0  # key span of a query's scores on the XLA path; splash and cuDNN keep none
+    if numerics.attention_impl == "xla":
+        w, block = c.sliding_window, numerics.attention_block
+        keys = seq_len if w is None or seq_len <= block + w else (-(-(w - 1) // block) + 1) * block
+    scores = b * heads * seq_len * keys * SCORE_BYTES
+    # One layer recomputed: its matmul outputs, the MLP's activation, the scores.
+    layer = tokens * (dots + _split(c.hidden_dim, t)) * cb + scores
+    saved = {"full": tokens * c.dim * cb, "dots": tokens * dots * cb, "none": layer}[numerics.remat]
+    remat = {"full": "each layer's input", "dots": "each layer's matmul outputs", "none": "every activation"}
+    return [
+        Row("gathered layer (est.)", layer_bytes(c, sizes, cb, rules), "one layer, whole over fsdp", "activations"),
+        Row(
+            "saved for backward (est.)",
+            c.n_layers * saved,
+            f"remat {numerics.remat}: {remat[numerics.remat]}, {tokens} tokens",
+            "activations",
+        ),
+        Row(
+            "layer backward (est.)",
+            layer,
+            f"scores f32 [{b} x {heads}, {seq_len}, {keys}]" if keys else "no scores kept",
+            "activations",
+        ),
+        Row("logits (est.)", tokens * _split(c.vocab_size, t) * 4, f"f32 [{tokens}, vocab]", "activations"),
+    ]
 
 
 def device_memory(devices=None) -> int | None:
@@ -195,8 +317,10 @@ def verdict(plan: Plan, memory: int) -> str:
 
 
 def format_plan(plan: Plan, memory: int | None = None, memory_name: str = "") -> str:
-    lines = [f"memory plan per device: mesh {sharding.describe(plan.mesh)} "
-             f"({math.prod(plan.mesh.values())} devices), {plan.title}"]
+    lines = [
+        f"memory plan per device: mesh {sharding.describe(plan.mesh)} "
+        f"({math.prod(plan.mesh.values())} devices), {plan.title}"
+    ]
     for r in plan.rows:
         lines.append(f"  {r.what:28s}{_gib(r.bytes):>12s}   {r.how}")
     lines.append(f"  {'total':28s}{_gib(plan.total_bytes):>12s}")
@@ -215,7 +339,8 @@ def check(plan: Plan, memory: int | None) -> None:
         raise MemoryPlanError(
             f"{plan.title} needs {_gib(plan.exact_bytes)} per device for params, optimizer state and KV cache "
             f"on mesh {sharding.describe(plan.mesh)}, but a device has {_gib(memory)} free: use more devices "
-            "(fsdp or tensor), a smaller batch, or bfloat16\n" + format_plan(plan, memory))
+            "(fsdp or tensor), a smaller batch, or bfloat16\n" + format_plan(plan, memory)
+        )
 
 
 def report(plan: Plan, print_fn=print, devices=None) -> None:

@@ -1,5 +1,5 @@
 """metrics.jsonl (and TensorBoard) of a training run: one row per logged step, cut back to the resumed step
-when a run resumes so that every step appears once."""
+when a run resumes so that every step appears once; loss.png beside it, drawn from those rows."""
 
 from __future__ import annotations
 
@@ -41,9 +41,15 @@ class MetricsLog:
 
     def write(self, step: int, m: dict, skipped_total: int, extra: dict) -> dict:
         now = time.perf_counter()
-        row = {"step": step, "loss": self.nll / self.loss_tokens if self.loss_tokens else float("nan"),
-               "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-               "tokens_per_s": self.tokens / max(now - self.t0, 1e-9), "skipped": skipped_total, **extra}
+        row = {
+            "step": step,
+            "loss": self.nll / self.loss_tokens if self.loss_tokens else float("nan"),
+            "lr": float(m["lr"]),
+            "grad_norm": float(m["grad_norm"]),
+            "tokens_per_s": self.tokens / max(now - self.t0, 1e-9),
+            "skipped": skipped_total,
+            **extra,
+        }
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -57,6 +63,46 @@ class MetricsLog:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def plot_loss(metrics_path: str, png_path: str, log: Callable[[str], None]) -> bool:
+    """Draws the training and eval loss by step from metrics.jsonl into `png_path` (matplotlib's Agg canvas);
+    returns False, with a one-line note, where matplotlib is not installed."""
+    try:
+        # A Figure of its own, not pyplot: the process's backend (a notebook's inline plots) is left alone.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        log(f"note: matplotlib is not installed; {png_path} not drawn (pip install matplotlib)")
+        return False
+    train, evals = [], []
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line
+            if isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"]):
+                train.append((row["step"], row["loss"]))
+            if isinstance(row.get("eval_loss"), (int, float)):
+                evals.append((row["step"], row["eval_loss"]))
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), label="training loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend()
+    fig.tight_layout()
+    tmp = png_path + ".tmp"
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, png_path)  # a reader never sees a half-written image
+    return True
 
 
 def _row_step(line: str) -> float:
@@ -73,7 +119,9 @@ def _tensorboard_writer(logdir: str, log):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            log("warning: tensorboard asked for, but neither tensorboardX nor tensorboard is installed; "
-                "metrics go to metrics.jsonl only")
+            log(
+                "warning: tensorboard asked for, but neither tensorboardX nor tensorboard is installed; "
+                "metrics go to metrics.jsonl only"
+            )
             return None
     return SummaryWriter(logdir)

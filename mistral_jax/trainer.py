@@ -11,6 +11,8 @@ A run directory (`output`) holds:
                         the previous step intact (tests/test_trainer.py kills a run mid-save).
   damaged_checkpoints/  steps that failed to restore (or to match their checksums), moved aside on resume
   metrics.jsonl         one row per logged step (metrics.py)
+  loss.png              training and eval loss by step, redrawn from metrics.jsonl when a run ends or stops
+                        (needs matplotlib; skipped with a note without it)
   train_config.json     the TrainConfig the run started with
   config_history.jsonl  one row per start or resume: the settings, and which changed (run_dir.py)
   final/                merged (LoRA folded in) inference checkpoint with tokenizer.model: infer.generate,
@@ -45,15 +47,14 @@ from . import lora as lora_lib
 from . import train_step as ts
 from .config import PRESETS, MistralConfig
 from .data import DataIterator, load_examples, pack
-from .metrics import MetricsLog
+from .metrics import MetricsLog, plot_loss
 from .run_dir import ResumeError
 from .tokenizer import Tokenizer
 from .train_checkpoints import RunCheckpoints, checkpoint_manager
 from .train_config import TrainConfig, model_config, resolve_tokenizer
 from .train_state import TrainState
 
-__all__ = ["NonFiniteLossError", "ResumeError", "TrainConfig", "Trainer", "checkpoint_manager", "load_base",
-           "train"]
+__all__ = ["NonFiniteLossError", "ResumeError", "TrainConfig", "Trainer", "checkpoint_manager", "load_base", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,8 +88,10 @@ class Trainer:
         self.tokenizer_path = resolve_tokenizer(cfg)
         tokenizer = Tokenizer.from_file(self.tokenizer_path)
         if tokenizer.vocab_size > self.config.vocab_size:
-            raise ValueError(f"tokenizer {self.tokenizer_path} has {tokenizer.vocab_size} pieces, more than the "
-                             f"model's vocab_size {self.config.vocab_size}")
+            raise ValueError(
+                f"tokenizer {self.tokenizer_path} has {tokenizer.vocab_size} pieces, more than the "
+                f"model's vocab_size {self.config.vocab_size}"
+            )
 
         # The whole data set is validated before any weight is read.
         examples, report = self._load_examples(cfg.train, tokenizer)
@@ -104,14 +107,27 @@ class Trainer:
         micro = cfg.batch_size // cfg.grad_accum
         if micro % self.mm.data_parallel_size:
             mesh_name = cfg.mesh or sharding.describe(self.mm.mesh)
-            raise ValueError(f"batch_size / grad_accum = {micro} rows must be a multiple of the data-parallel "
-                             f"size {self.mm.data_parallel_size} of mesh {mesh_name!r}")
+            raise ValueError(
+                f"batch_size / grad_accum = {micro} rows must be a multiple of the data-parallel "
+                f"size {self.mm.data_parallel_size} of mesh {mesh_name!r}"
+            )
         # Activations are those of one microbatch: the plan gets batch_size / grad_accum rows.
         lora = self.lora_spec
-        memory_plan.report(memory_plan.training(
-            self.config, self.mm.mesh, "lora" if lora else "full", micro, cfg.seq_len,
-            base_dtype=self.numerics.dtype if lora else self.numerics.param_dtype, compute_dtype=self.numerics.dtype,
-            **({"lora_rank": lora.rank} if lora else {})), print_fn=log)
+        memory_plan.report(
+            memory_plan.training(
+                self.config,
+                self.mm.mesh,
+                "lora" if lora else "full",
+                micro,
+                cfg.seq_len,
+                base_dtype=self.numerics.dtype if lora else self.numerics.param_dtype,
+                compute_dtype=self.numerics.dtype,
+                numerics=self.numerics,
+                grad_accum=cfg.grad_accum,
+                **({"lora_rank": lora.rank} if lora else {}),
+            ),
+            print_fn=log,
+        )
 
         self.opt_cfg = cfg.optimizer_config()
         self.optimizer = ts.make_optimizer(self.opt_cfg)
@@ -123,8 +139,10 @@ class Trainer:
         examples, report = load_examples(path, tokenizer, self.cfg.seq_len, on_bad="skip")
         self.log(report.summary())
         if report.bad and self.cfg.bad_rows == "error":
-            raise ValueError(f"{path}: {len(report.bad)} bad rows (the first on line {report.bad[0][0]}); fix "
-                             "them, or set bad_rows: skip to train without them")
+            raise ValueError(
+                f"{path}: {len(report.bad)} bad rows (the first on line {report.bad[0][0]}); fix "
+                "them, or set bad_rows: skip to train without them"
+            )
         return examples, report
 
     # ---- state -----------------------------------------------------------------------------------------------
@@ -136,8 +154,9 @@ class Trainer:
         return init(jax.random.fold_in(jax.random.key(self.cfg.seed), 2))
 
     def _init_state(self, state_sh: TrainState) -> TrainState:
-        init = jax.jit(functools.partial(TrainState.create, optimizer=self.optimizer, seed=self.cfg.seed),
-                       out_shardings=state_sh)  # optimizer state created in place on the mesh
+        init = jax.jit(
+            functools.partial(TrainState.create, optimizer=self.optimizer, seed=self.cfg.seed), out_shardings=state_sh
+        )  # optimizer state created in place on the mesh
         return init(self._init_trainable(state_sh.params))
 
     # ---- evaluation ------------------------------------------------------------------------------------------
@@ -151,7 +170,7 @@ class Trainer:
             batch = {}
             for k, a in rows.items():
                 batch[k] = np.zeros((bs, a.shape[1]), a.dtype)
-                batch[k][: min(bs, n - start)] = a[start:start + bs]
+                batch[k][: min(bs, n - start)] = a[start : start + bs]
             s, c = jax.device_get(eval_fn(state.params, frozen, self.mm.place(batch)))
             total, count = total + float(s), count + float(c)
         return total / max(count, 1.0)
@@ -192,11 +211,20 @@ class Trainer:
                     step, state = ckpts.restore_newest(steps, abstract, state_sh, self.data, changed)
                     start = int(state.step)
                     run_dir.record_start(cfg, step, self.log)
-                metrics_log = MetricsLog(os.path.join(cfg.output, "metrics.jsonl"), start,
-                                         os.path.join(cfg.output, "tensorboard") if cfg.tensorboard else None,
-                                         self.log)
-                step_fn = ts.jit_train_step(self.config, self.opt_cfg, numerics=self.numerics,
-                                            lora_spec=self.lora_spec, grad_accum=cfg.grad_accum, mm=self.mm)
+                metrics_log = MetricsLog(
+                    os.path.join(cfg.output, "metrics.jsonl"),
+                    start,
+                    os.path.join(cfg.output, "tensorboard") if cfg.tensorboard else None,
+                    self.log,
+                )
+                step_fn = ts.jit_train_step(
+                    self.config,
+                    self.opt_cfg,
+                    numerics=self.numerics,
+                    lora_spec=self.lora_spec,
+                    grad_accum=cfg.grad_accum,
+                    mm=self.mm,
+                )
                 eval_fn = None
                 if self.eval_rows is not None:
                     eval_fn = ts.jit_eval_step(self.config, self.numerics, self.lora_spec)
@@ -206,12 +234,20 @@ class Trainer:
             ckpts.close()
             if metrics_log is not None:
                 metrics_log.close()
+                self._plot_loss()
 
-    def _loop(self, ckpts: RunCheckpoints, state, frozen, start, until_step, step_fn, eval_fn, metrics_log,
-              stop) -> str:
+    def _loop(
+        self, ckpts: RunCheckpoints, state, frozen, start, until_step, step_fn, eval_fn, metrics_log, stop
+    ) -> str:
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
-                   disable=not cfg.progress or not distributed.is_main(), file=sys.stderr)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc="train",
+            unit="step",
+            disable=not cfg.progress or not distributed.is_main(),
+            file=sys.stderr,
+        )
         # Metrics of step s are read after step s+1 is dispatched, so the host prepares the next batch while the
         # device runs; pending = (step, device metrics, eval results) of the step not read yet.
         pending = None
@@ -223,8 +259,10 @@ class Trainer:
             m = jax.device_get(m_dev)
             metrics_log.add(m)
             if m["skipped"]:
-                self.log(f"step {step}: non-finite loss ({float(m['loss'])}) or gradient norm "
-                         f"({float(m['grad_norm'])}); update skipped ({int(m['bad_streak'])} in a row)")
+                self.log(
+                    f"step {step}: non-finite loss ({float(m['loss'])}) or gradient norm "
+                    f"({float(m['grad_norm'])}); update skipped ({int(m['bad_streak'])} in a row)"
+                )
             abort = int(m["bad_streak"]) >= cfg.max_bad_steps
             if step % cfg.log_every == 0 or extra or step == cfg.steps or abort:
                 row = metrics_log.write(step, m, int(m["skipped_total"]), extra)
@@ -233,7 +271,8 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"{int(m['bad_streak'])} non-finite losses in a row (max_bad_steps={cfg.max_bad_steps}) at "
                     f"step {step}; params are those of the last finite step. Lower the learning rate, check the "
-                    f"data, or use float32")
+                    f"data, or use float32"
+                )
 
         try:
             for step in range(start + 1, cfg.steps + 1):
@@ -271,6 +310,16 @@ class Trainer:
         return status
 
     # ---- outputs ---------------------------------------------------------------------------------------------
+    def _plot_loss(self) -> None:
+        """OUTPUT/loss.png on process 0; a failure to draw it is a warning, never the run's failure."""
+        if not distributed.is_main():
+            return
+        path = os.path.join(self.cfg.output, "loss.png")
+        try:
+            plot_loss(os.path.join(self.cfg.output, "metrics.jsonl"), path, self.log)
+        except (OSError, ValueError, RuntimeError) as e:
+            self.log(f"warning: {path} not drawn: {run_dir.one_line(e)}")
+
     def write_final(self, state: TrainState, frozen) -> None:
         """OUTPUT/final (merged, with tokenizer.model) and, for LoRA, OUTPUT/final_adapter (PEFT)."""
         if self.lora_spec is None:

@@ -1,13 +1,15 @@
 """Fine-tunes a Mistral model on a JSONL conversation file (full fine-tuning or LoRA).
 
-  python -m train.finetune --config configs/NAME.yaml [--init DIR|PRESET] [--train F.jsonl] [--eval F.jsonl]
-      [--tokenizer PATH] [--output DIR] [--steps N] [--lr X] [--lora-rank R] [--batch-size N] [--seq-len N]
+  python -m train.finetune [--config configs/NAME.yaml] --init DIR|PRESET --train F.jsonl --output DIR [--eval F.jsonl]
+      [--tokenizer PATH] [--steps N] [--lr X] [--lora-rank R] [--batch-size N] [--seq-len N]
       [--checkpoint-every N] [--mesh SPEC] [--tensorboard]
       [--coordinator HOST:PORT --num-processes N --process-id I | --multi-host]
 
 The YAML keys are the fields of mistral_jax.train_config.TrainConfig (optimizer, lora and numerics are
-sections; v0.1's flat keys such as lr or lora_rank still read); flags override them. Running the same command
-again resumes from OUTPUT/checkpoints. The run ends with OUTPUT/final, which infer.generate, infer.score and
+sections; v0.1's flat keys such as lr or lora_rank still read); flags override them. Without --config every
+other key takes the TrainConfig default (full fine-tuning, 2048-token rows, batch 8, 1000 steps). Running the
+same command again resumes from OUTPUT/checkpoints. OUTPUT/metrics.jsonl logs the losses and OUTPUT/loss.png
+plots them (with matplotlib installed). The run ends with OUTPUT/final, which infer.generate, infer.score and
 infer.convert read directly (and OUTPUT/final_adapter, PEFT adapters, for LoRA).
 
 On several hosts, every host runs the same command (TPU pods, SLURM and Open MPI are detected; elsewhere pass
@@ -32,19 +34,36 @@ from mistral_jax.train_config import TrainConfig
 from mistral_jax.trainer import NonFiniteLossError, ResumeError, Trainer
 
 # flag -> TrainConfig key (lr and lora_rank go to optimizer.lr and lora.rank; lora_rank 0 = full fine-tuning)
-FLAGS = {"init": str, "train": str, "eval": str, "tokenizer": str, "output": str, "steps": int, "lr": float,
-         "lora_rank": int, "batch_size": int, "seq_len": int, "checkpoint_every": int, "mesh": str}
+FLAGS = {
+    "init": str,
+    "train": str,
+    "eval": str,
+    "tokenizer": str,
+    "output": str,
+    "steps": int,
+    "lr": float,
+    "lora_rank": int,
+    "batch_size": int,
+    "seq_len": int,
+    "checkpoint_every": int,
+    "mesh": str,
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="YAML file of TrainConfig keys (configs/*.yaml)")
-    p.add_argument("--init", help="our checkpoint, a transformers or Mistral directory, or a preset name "
-                                  "(random init)")
+    p.add_argument(
+        "--config",
+        help="YAML file of TrainConfig keys (configs/*.yaml); default: the TrainConfig defaults, with the flags",
+    )
+    p.add_argument("--init", help="our checkpoint, a transformers or Mistral directory, or a preset name (random init)")
     p.add_argument("--train", help="training JSONL ({'messages'} or {'prompt', 'completion'} rows)")
     p.add_argument("--eval", help="held-out JSONL for eval loss and perplexity")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: tokenizer.model in --init; "
-                                       "mistral-common:v1 = the file mistral-common ships)")
+    p.add_argument(
+        "--tokenizer",
+        help="sentencepiece model (default: tokenizer.model in --init; "
+        "mistral-common:v1 = the file mistral-common ships)",
+    )
     p.add_argument("--output", help="run directory")
     p.add_argument("--steps", type=int)
     p.add_argument("--lr", type=float)
@@ -53,8 +72,12 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, help="tokens per packed row")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--mesh", help="device mesh, e.g. fsdp=8 or data=2,fsdp=4 (default: every device on fsdp)")
-    p.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also log to OUTPUT/tensorboard (needs tensorboardX or tensorboard)")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=None,
+        help="also log to OUTPUT/tensorboard (needs tensorboardX or tensorboard)",
+    )
     distributed.add_args(p)
     return p.parse_args(argv)
 
@@ -71,7 +94,10 @@ def main(argv=None) -> int:
     overrides = {name: getattr(args, name) for name in FLAGS}
     overrides["tensorboard"] = args.tensorboard
     try:
-        cfg = TrainConfig.load(args.config, **overrides)
+        if args.config:
+            cfg = TrainConfig.load(args.config, **overrides)
+        else:
+            cfg = TrainConfig.from_dict({}, "command line", **overrides)
         distributed.initialize(args)  # before any other JAX call; nothing to do for one process
         trainer = Trainer(cfg)
     # OSError: a file that cannot be read or a directory that cannot be made (missing, a directory, no access).
