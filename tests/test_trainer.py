@@ -444,7 +444,7 @@ def test_config_file_and_flags(data, tmp_path, capsys):
     yaml_path.write_text(
         "init: tiny\nsteps: 7\nmodel: {dim: 128}\noptimizer: {lr: 3.0e-4, b1: 0.8}\n"
         "lora: {rank: 8, targets: [q, v]}\n"
-        "numerics: {param_dtype: float32, dtype: float32, attention_block: 64}\n"
+        "numerics: {param_dtype: float32, dtype: float32, attention_impl: auto, attention_block: 64}\n"
     )
     nested = TrainConfig.load(str(yaml_path), steps=9, output="x")
     assert nested == cfg == config_lib.from_yaml(TrainConfig, str(yaml_path), steps=9, output="x")

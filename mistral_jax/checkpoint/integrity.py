@@ -28,9 +28,8 @@ def _fmix(h: jax.Array) -> jax.Array:
     return h ^ (h >> 16)
 
 
-def lanes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The two uint32 checksum lanes of an array of any dtype: wrapping sums of its values' bits mixed with
-    their row-major positions (traceable; XLA fuses it into one pass with no temporary as large as x)."""
+def _mixed(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per value, the two uint32 words whose wrapping sums are the checksum: its bits mixed with its position."""
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
     width = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
@@ -39,16 +38,25 @@ def lanes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     for d, n in enumerate(x.shape):  # the row-major position, wrapping past 2^32 values
         index = index * np.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d)
     key = _fmix(index + np.uint32(0x9E3779B9))
-    return (
-        jnp.sum(_fmix(bits ^ key), dtype=jnp.uint32),
-        jnp.sum(_fmix(bits + _fmix(key ^ np.uint32(0x7F4A7C15))), dtype=jnp.uint32),
+    return _fmix(bits ^ key), _fmix(bits + _fmix(key ^ np.uint32(0x7F4A7C15)))
+
+
+def _sums(parts, ndim: int):
+    # One variadic reduction: XLA fuses it with everything above, so no temporary as large as x.
+    return jax.lax.reduce(
+        parts, (np.uint32(0),) * len(parts), lambda p, q: tuple(u + v for u, v in zip(p, q)), tuple(range(ndim))
     )
+
+
+def lanes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two uint32 checksum lanes of an array of any dtype (traceable)."""
+    return _sums(_mixed(x), x.ndim)
 
 
 @jax.jit
 def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(number of non-finite values, checksum lane a, lane b) of a float array, as uint32 (wrapping)."""
-    return (jnp.sum(~jnp.isfinite(x), dtype=jnp.uint32), *lanes(x))
+    return _sums(((~jnp.isfinite(x)).astype(jnp.uint32), *_mixed(x)), x.ndim)
 
 
 def stats(x: Any) -> tuple[int, str]:
