@@ -3,7 +3,7 @@
 `for_inference(params, mesh)` is applied once, when a model is loaded for inference (api.load_model), and
 returns params that model.forward computes the same logits from (tests/test_tuning.py).
 
-One tuning is kept, because the generation benchmark shows it pays (docs/benchmarks.md):
+One tuning is kept:
   per-layer params on one CPU device: the stacked layer params [L, ...] become a tuple of L per-layer trees,
   which model.run_layers loops over. Inside a scanned layer XLA:CPU copies each layer's weights out of the
   stack before its products, so a decode step reads every weight three times instead of once. On TPU and
