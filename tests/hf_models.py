@@ -63,3 +63,23 @@ def hf_logits(model, tokens, positions=None, dtype=torch.float32):
     with torch.no_grad():
         out = model(input_ids=ids, position_ids=pos, use_cache=False).logits
     return out.double().numpy()
+
+
+# PEFT names of the seven projections LoRA can target.
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft(model, out, seed=0, **lora_kw):
+    """An adapter made by peft itself, A and B random (B non-zero, as after training), saved as peft saves."""
+    from peft import LoraConfig, get_peft_model
+
+    kw = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_TARGETS, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**{**kw, **lora_kw}))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    peft_model.eval()
+    peft_model.save_pretrained(out)
+    return peft_model

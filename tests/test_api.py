@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from hf_models import hf_logits, make_hf_model
+from hf_models import hf_logits, make_hf_model, make_peft
 
 from infer import convert as convert_cli
 from infer import generate as generate_cli
 from infer import score as score_cli
 from mistral_jax import api, launch
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -114,20 +112,6 @@ def test_logprobs_are_infer_scores_numbers(hf, m, tmp_path):
 
 
 # ---- PEFT adapters in ---------------------------------------------------------------------------------------------
-def make_peft(model, out, seed=0, **lora_kw):
-    """An adapter made by peft itself, A and B random (B non-zero, as after training), saved as peft saves."""
-    from peft import LoraConfig, get_peft_model
-
-    kw = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**{**kw, **lora_kw}))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    peft_model.eval()
-    peft_model.save_pretrained(out)
-    return peft_model
 
 
 @pytest.fixture(scope="module")

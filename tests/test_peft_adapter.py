@@ -2,7 +2,6 @@
 (checkpoint.load_adapter), gives transformers + peft's logits attached and merged, and their greedy tokens;
 features we do not implement are refused by name."""
 
-import copy
 import json
 import os
 
@@ -12,15 +11,14 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from hf_models import hf_logits, make_hf_model
+from hf_models import ALL_TARGETS as ALL
+from hf_models import hf_logits, make_hf_model, make_peft
 
 from mistral_jax import checkpoint as ck
 from mistral_jax import lora
 from mistral_jax import model as model_lib
 from mistral_jax.config import Numerics
 from mistral_jax.generator import Generator, SamplingParams
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +31,6 @@ def base_dir(tmp_path_factory, hf_model):
     d = str(tmp_path_factory.mktemp("base"))
     hf_model.save_pretrained(d)
     return d
-
-
-def make_peft(model, out, seed=0, **lora_kw):
-    """An adapter made by peft itself, A and B random (B non-zero, as after training), saved as peft saves."""
-    from peft import LoraConfig, get_peft_model
-
-    kw = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**{**kw, **lora_kw}))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    peft_model.eval()
-    peft_model.save_pretrained(out)
-    return peft_model
 
 
 def tokens(vocab, b=2, t=24, seed=0):
