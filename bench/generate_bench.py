@@ -1,7 +1,7 @@
 """Inference benchmark: this project against its own earlier code and transformers (PyTorch, CPU), on the same
 random 125M Mistral, in one run.
 
-  python bench/generate_bench.py [--quick] [--rounds N] [--baseline REV] [--decode-only]
+  python bench/generate_bench.py [--quick] [--rounds N] [--baseline REV] [--decode-only] [--tuning]
 
 Prints:
   1. a whole batch job (32 prompts of 65-192 tokens, 64 new greedy tokens, batch 8) as whole processes, load
@@ -11,7 +11,9 @@ Prints:
      round's tokens/s and ratios and their medians. The machine's speed drifts, so ratios are taken in a round;
   2. decode tokens/s at batch 1, 8 and 32 for this tree and transformers, and batch-1 decode as a fraction of
      this machine's memory-bandwidth ceiling (weight + KV-cache bytes read per token over a measured read
-     bandwidth).
+     bandwidth);
+  3. with --tuning: decode tokens/s at batch 1 and 8 and prefill tokens/s at batch 8 for the plain stacked
+     params and each platform tuning of mistral_jax/tuning.py alone and together (the default), in N rounds.
 Config: dim 768, 12 layers, 12 heads, 4 KV heads, head_dim 64, ffn 2048, vocab 32000, window 256, f32.
 """
 
@@ -161,48 +163,61 @@ def _timeit(fn):
     return time.perf_counter() - t0
 
 
+def _programs(config, numerics, steps):
+    """(prefill, decode, state): jitted prefill and greedy decode, and state(params, prompts) -> the decode
+    state after prefilling `prompts` [B, T]."""
+    import jax
+    import jax.numpy as jnp
+
+    from mistral_jax import decode
+
+    pre = jax.jit(lambda p, t, n, c: decode.prefill(p, t, n, c, config=config, numerics=numerics, chunk=512))
+    dec = jax.jit(
+        lambda p, st, m: decode.decode(p, st, m, config=config, numerics=numerics, sampled=False), donate_argnums=1
+    )
+
+    def state(params, prompts):
+        b, t = prompts.shape
+        cache = decode.KVCache.init(config, b, config.sliding_window)
+        logits, cache = pre(params, jnp.asarray(prompts), jnp.full((b,), t, jnp.int32), cache)
+        z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
+        return decode.DecodeState(
+            cache=cache,
+            logits=logits,
+            out=jnp.zeros((b, steps), jnp.int32),
+            n=z(0),
+            pos=z(t),
+            done=z(False, bool),
+            reason=z(0),
+            seeds=z(0, jnp.uint32),
+            temperature=z(0.0, jnp.float32),
+            top_k=z(0),
+            top_p=z(1.0, jnp.float32),
+            max_new=z(steps),
+            stop_ids=jnp.full((b, 1), -1, jnp.int32),
+        )
+
+    return pre, dec, state
+
+
 def decode_rates(hf_dir, hf_model, batches, steps, bandwidths):
     import jax
     import jax.numpy as jnp
     import torch
 
-    from mistral_jax import api, decode
+    from mistral_jax import api
 
     loaded = api.load_model(hf_dir)  # as the tools load it (tuning.for_inference included)
-    config, numerics, params = loaded.config, loaded.numerics, loaded.params
+    config, params = loaded.config, loaded.params
+    _, dec, state = _programs(config, loaded.numerics, steps)
     rng = np.random.default_rng(1)
-    pre = jax.jit(lambda p, t, n, c: decode.prefill(p, t, n, c, config=config, numerics=numerics, chunk=512))
-    dec = jax.jit(
-        lambda p, st, m: decode.decode(p, st, m, config=config, numerics=numerics, sampled=False), donate_argnums=1
-    )
     ours, theirs = {}, {}
     for b in batches:
         prompts = rng.integers(3, 32000, (b, 128)).astype(np.int32)
-
-        def state_after_prefill(b=b, prompts=prompts):
-            cache = decode.KVCache.init(config, b, config.sliding_window)
-            logits, cache = pre(params, jnp.asarray(prompts), jnp.full((b,), 128, jnp.int32), cache)
-            z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
-            return decode.DecodeState(
-                cache=cache,
-                logits=logits,
-                out=jnp.zeros((b, steps), jnp.int32),
-                n=z(0),
-                pos=z(128),
-                done=z(False, bool),
-                reason=z(0),
-                seeds=z(0, jnp.uint32),
-                temperature=z(0.0, jnp.float32),
-                top_k=z(0),
-                top_p=z(1.0, jnp.float32),
-                max_new=z(steps),
-                stop_ids=jnp.full((b, 1), -1, jnp.int32),
-            )
-
-        jax.block_until_ready(dec(params, state_after_prefill(), jnp.int32(steps)))  # compile
+        jax.block_until_ready(dec(params, state(params, prompts), jnp.int32(steps)))  # compile
         times = []
         for _ in range(3):
-            st = jax.block_until_ready(state_after_prefill())
+            st = jax.block_until_ready(state(params, prompts))
             t0 = time.perf_counter()
             jax.block_until_ready(dec(params, st, jnp.int32(steps)))
             times.append(time.perf_counter() - t0)
@@ -232,11 +247,52 @@ def decode_rates(hf_dir, hf_model, batches, steps, bandwidths):
     return config, ours, theirs
 
 
+def tuning_rates(hf_dir, steps, rounds):
+    """Each subset of tuning.TUNINGS against the plain stacked params, in interleaved rounds: decode tokens/s
+    at batch 1 and 8 (prompt 128) and prefill tokens/s at batch 8 x 128, the best of the rounds. Every variant
+    must decode the same tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    from mistral_jax import checkpoint, decode, sharding, tuning
+    from mistral_jax.config import Numerics
+
+    config, numerics = checkpoint.load_config(hf_dir), Numerics.of("float32")
+    mesh = sharding.ModelMesh.build(config)
+    subsets = {"plain": (), **{t: (t,) for t in tuning.TUNINGS}, "all (the default)": tuning.TUNINGS}
+    variants = {
+        name: tuning.for_inference(checkpoint.load_params(hf_dir, config, "float32", mesh.param_shardings), mesh, t)
+        for name, t in subsets.items()
+    }
+    pre, dec, state = _programs(config, numerics, steps)
+    rng = np.random.default_rng(2)
+    rates = {}
+    for b in (1, 8):
+        prompts = jnp.asarray(rng.integers(3, 32000, (b, 128)).astype(np.int32))
+        lengths = jnp.full((b,), 128, jnp.int32)
+        tokens = {n: np.asarray(dec(p, state(p, prompts), jnp.int32(steps)).out) for n, p in variants.items()}
+        for n in variants:  # compiled above; the same greedy tokens, or the tuning is wrong
+            if not (tokens[n] == tokens["plain"]).all():
+                sys.exit(f"tuning {n!r} decodes other tokens than the plain params")
+        for _ in range(rounds):
+            for n, p in variants.items():
+                st = jax.block_until_ready(state(p, prompts))
+                secs = _timeit(lambda: dec(p, st, jnp.int32(steps)).n.block_until_ready())  # noqa: B023
+                rates.setdefault((n, f"decode b{b}"), []).append(b * steps / secs)
+                if b == 8:
+                    cache = decode.KVCache.init(config, b, config.sliding_window)
+                    rates.setdefault((n, "prefill b8"), []).append(
+                        b * 128 / _timeit(lambda: jax.block_until_ready(pre(p, prompts, lengths, cache)))  # noqa: B023
+                    )
+    return {k: max(v) for k, v in rates.items()}, list(variants)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the batch-32 decode")
     ap.add_argument("--decode-only", action="store_true", help="skip the whole batch job (part 1)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the whole batch job (part 1)")
+    ap.add_argument("--tuning", action="store_true", help="also part 3: each platform tuning against the plain path")
     ap.add_argument("--baseline", default=BASELINE, help="git revision whose batch job runs beside ours ('' = none)")
     args = ap.parse_args()
     if args.rounds < 1:
@@ -258,6 +314,7 @@ def main():
         config, ours, theirs = decode_rates(hf_dir, hf_model, batches, NEW, bandwidths)
         bandwidths.append(read_bandwidth())
         bw = max(bandwidths)
+        tuned = tuning_rates(hf_dir, NEW, args.rounds) if args.tuning else None
 
     print(f"machine: {os.cpu_count()} CPU cores; torch {torch.__version__}")
     print(
@@ -313,6 +370,20 @@ def main():
         f"{(weight_bytes + kv_bytes) / 1e6:.0f} MB; ceiling {ceiling:.1f} tok/s"
     )
     print(f"   batch-1 decode: {ours[1]:.1f} tok/s = {100 * ours[1] / ceiling:.0f}% of the bandwidth ceiling")
+    if tuned:
+        rates, names = tuned
+        print(
+            f"\n3. platform tunings (mistral_jax/tuning.py) on one CPU device, best of {args.rounds} interleaved "
+            "rounds, tokens/s (ratio to the plain stacked params)"
+        )
+        for n in names:
+            print(
+                f"   {n:18s} "
+                + "   ".join(
+                    f"{m} {rates[(n, m)]:7.1f} ({rates[(n, m)] / rates[('plain', m)]:4.2f}x)"
+                    for m in ("decode b1", "decode b8", "prefill b8")
+                )
+            )
 
 
 if __name__ == "__main__":

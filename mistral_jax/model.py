@@ -171,15 +171,10 @@ def forward(
 
 def run_layers(layer, carry, layers, n_layers: int):
     """Runs `layer(carry, (params of layer i, i)) -> (carry, y)` over every layer: a scan over the stacked
-    params, or a loop when they are held per layer (a sequence of L trees, see tuning.py) of one traced layer.
-    Returns (carry, the ys stacked)."""
-    if isinstance(layers, (list, tuple)):
-        step = jax.jit(layer)  # traced once, inlined at each call
-        ys = []
-        for i, p in enumerate(layers):
-            carry, y = step(carry, (p, jnp.int32(i)))
-            ys.append(y)
-        return carry, None if ys[0] is None else jnp.stack(ys)
+    params; layer params held otherwise (tuning.PerLayer) bring their own loop. Returns (carry, the ys
+    stacked)."""
+    if hasattr(layers, "run"):
+        return layers.run(layer, carry)
     return jax.lax.scan(layer, carry, (layers, jnp.arange(n_layers, dtype=jnp.int32)))
 
 
@@ -201,7 +196,7 @@ def attention_weights(
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
     layers = params["layers"]
-    p = layers[layer] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda w: w[layer], layers)
+    p = layers.layer(layer) if hasattr(layers, "layer") else jax.tree.map(lambda w: w[layer], layers)
     x = rms_norm(hidden.astype(numerics.dtype), p["attention_norm"]["scale"], config.norm_eps)
     rope = rope_tables(positions, config.head_dim, config.rope_theta)
     q = apply_rope(project("BTD,DNH->BTNH", x, p["attention"]["wq"]), rope)

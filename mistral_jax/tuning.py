@@ -1,21 +1,33 @@
 """Platform tuning: the one place where a loaded model is adapted to the machine it runs on.
 
 `for_inference(params, mesh)` is applied once, when a model is loaded for inference (api.load_model), and
-returns params that model.forward computes the same logits from (tests/test_tuning.py).
+returns params that model.forward computes the same logits from (tests/test_tuning.py). Both tunings below
+apply on one CPU device only; on TPU and GPU the plain stacked params are what runs.
 
-One tuning is kept:
-  per-layer params on one CPU device: the stacked layer params [L, ...] become a tuple of L per-layer trees,
-  which model.run_layers loops over. Inside a scanned layer XLA:CPU copies each layer's weights out of the
-  stack before its products, so a decode step reads every weight three times instead of once. On TPU and
-  GPU the scanned layer reads the stack in place, and the per-layer form costs compile time and memory.
+  per-layer params (PerLayer): the stacked layer params [L, ...] become L per-layer trees, which bring
+    their own loop over the layers to model.run_layers. Inside a scanned layer XLA:CPU copies each layer's
+    weights out of the stack before its products, so a decode step reads every weight three times, not once.
+  out-major projections (OutMajorWeight): each projection weight is held [out..., in...] and brings its own
+    product (as lora.LoraWeight does). XLA:CPU's matmul library streams the weight fastest as the left
+    operand of a few-row product, W x^T; its transpose back is kept apart from the product, or XLA folds it
+    in and swaps the operands back. Decode's products are all few-row ones.
+bench/generate_bench.py --tuning measures each against the plain path.
 """
 
 from __future__ import annotations
 
-import jax
-import numpy as np
+import math
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from . import params as params_lib
 from .sharding import ModelMesh
+
+TUNINGS = ("per_layer", "out_major")
+FEW_ROWS = 64  # products of at most this many rows take the W x^T form
 
 
 def on_one_cpu_device(mesh: ModelMesh) -> bool:
@@ -23,29 +35,132 @@ def on_one_cpu_device(mesh: ModelMesh) -> bool:
     return mesh.size == 1 and next(iter(devices)).platform == "cpu"
 
 
-def for_inference(params, mesh: ModelMesh):
-    """`params` as they run fastest for inference on `mesh`'s devices (see the module docstring)."""
-    if on_one_cpu_device(mesh) and not isinstance(params["layers"], (list, tuple)):
-        return {**params, "layers": per_layer(params["layers"])}
+def for_inference(params, mesh: ModelMesh, tunings: tuple[str, ...] = TUNINGS):
+    """`params` as they run fastest for inference on `mesh`'s devices (see the module docstring); `tunings`
+    picks a subset, for benchmarks."""
+    unknown = set(tunings) - set(TUNINGS)
+    if unknown:
+        raise ValueError(f"unknown tunings {sorted(unknown)}; known: {TUNINGS}")
+    if not on_one_cpu_device(mesh) or isinstance(params["layers"], PerLayer) or not tunings:
+        return params
+    out_major = "out_major" in tunings
+    if "per_layer" in tunings:
+        params = {**params, "layers": per_layer(params["layers"], out_major)}
+    elif out_major:
+        params = {**params, "layers": _map_projections(params["layers"], "layers/", lambda w, n: _held(w, n, 1))}
+    if out_major:
+        params = _map_projections(params, "", lambda w, n: _held(w, n, 0))
     return params
 
 
-def per_layer(layers) -> tuple:
-    """Stacked layer params [L, ...] -> a tuple of L trees, leaf by leaf so that memory peaks near one copy of
+@struct.dataclass
+class PerLayer:
+    """Layer params held as one tree per layer; model.run_layers calls `run`."""
+
+    layers: tuple
+
+    def run(self, layer, carry):
+        """layer(carry, (params of layer i, i)) -> (carry, y) over every layer, as one traced layer called L
+        times (inlined); returns (carry, the ys stacked)."""
+        step = jax.jit(layer)
+        ys = []
+        for i, p in enumerate(self.layers):
+            carry, y = step(carry, (p, jnp.int32(i)))
+            ys.append(y)
+        return carry, None if ys[0] is None else jnp.stack(ys)
+
+    def layer(self, i: int):
+        return self.layers[i]
+
+
+def per_layer(layers, out_major: bool = False) -> PerLayer:
+    """Stacked layer params [L, ...] -> L trees, leaf by leaf so that memory peaks near one copy of
     the weights plus one leaf. The slices are taken on the host: indexing the device array would compile a
     program per leaf shape."""
-    leaves, treedef = jax.tree.flatten(layers)
-    n = leaves[0].shape[0]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(layers)
+    n = leaves[0][1].shape[0]
     per = [[] for _ in range(n)]
-    for leaf in leaves:
+    for path, leaf in leaves:
+        weight = params_lib.BY_PATH.get("layers/" + _path(path))
+        n_in = weight.n_in if out_major and weight is not None else 0
         host = np.asarray(leaf)
         sharding = leaf.sharding if isinstance(leaf, jax.Array) else None
         for i in range(n):
-            per[i].append(jax.device_put(np.ascontiguousarray(host[i]), sharding and _drop_layer(sharding)))
+            one = host[i] if not n_in else np.moveaxis(host[i], range(n_in), range(-n_in, 0))
+            one = jax.device_put(np.ascontiguousarray(one), sharding and _drop_layer(sharding))
+            per[i].append(OutMajorWeight(one, n_in) if n_in else one)
         if isinstance(leaf, jax.Array):
             leaf.delete()
         del host
-    return tuple(jax.tree.unflatten(treedef, xs) for xs in per)
+    return PerLayer(tuple(jax.tree.unflatten(treedef, xs) for xs in per))
+
+
+@struct.dataclass
+class OutMajorWeight:
+    """A projection weight [in..., out...] held as w [out..., in...]; model.project calls `project`."""
+
+    w: jax.Array  # [out..., in...]
+    n_in: int = struct.field(pytree_node=False)  # trailing input axes of w
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the weight it stands for, [in..., out...]."""
+        k = self.w.ndim - self.n_in
+        return (*self.w.shape[k:], *self.w.shape[:k])
+
+    def reshape(self, *shape) -> OutMajorWeight:
+        """The weight reshaped as an [in..., out...] array would be, its input and output axes each merged or
+        split within themselves."""
+        shape = np.empty(self.shape, np.int8).reshape(*shape).shape
+        n_in, k, size = math.prod(self.shape[: self.n_in]), 0, 1
+        while size < n_in:
+            size *= shape[k]
+            k += 1
+        if size != n_in:
+            raise ValueError(f"OutMajorWeight.reshape: {shape} mixes input and output axes of {self.shape}")
+        return OutMajorWeight(self.w.reshape(*shape[k:], *shape[:k]), k)
+
+    def project(self, eq: str, x):
+        xs, rest = eq.split(",")
+        ws, out = rest.split("->")
+        w_in, w_out = ws[: self.n_in], ws[self.n_in :]
+        w = self.w.astype(x.dtype)
+        if not (xs.endswith(w_in) and out == xs[: len(xs) - self.n_in] + w_out):
+            return jnp.einsum(f"{xs},{w_out}{w_in}->{out}", x, w)
+        lead, out_shape = x.shape[: x.ndim - self.n_in], w.shape[: w.ndim - self.n_in]
+        x2 = x.reshape(math.prod(lead), -1)
+        w2 = w.reshape(math.prod(out_shape), -1)
+        contract = (((1,), (1,)), ((), ()))
+        if x2.shape[0] <= FEW_ROWS:
+            y = jax.lax.optimization_barrier(jax.lax.dot_general(w2, x2, contract)).T
+        else:
+            y = jax.lax.dot_general(x2, w2, contract)
+        return y.reshape(*lead, *out_shape)
+
+
+def _held(w, n_in: int, layer_axes: int):
+    """One projection leaf as an OutMajorWeight (`layer_axes` leading stacked-layer axes kept in front)."""
+    host = np.asarray(w)
+    axes = range(layer_axes, layer_axes + n_in)
+    moved = np.ascontiguousarray(np.moveaxis(host, axes, range(-n_in, 0)))
+    sharding = w.sharding if isinstance(w, jax.Array) else None
+    return OutMajorWeight(jax.device_put(moved, sharding), n_in)
+
+
+def _map_projections(tree, prefix: str, fn):
+    """`tree` with fn(leaf, n_in) at each projection leaf that params.py declares under `prefix`; others kept."""
+
+    def one(path, leaf):
+        weight = params_lib.BY_PATH.get(prefix + _path(path))
+        if weight is None or not weight.n_in or (prefix == "" and weight.layered):
+            return leaf
+        return fn(leaf, weight.n_in)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _path(keys) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in keys)
 
 
 def _drop_layer(sharding):
