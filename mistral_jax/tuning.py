@@ -86,8 +86,7 @@ def per_layer(layers, out_major: bool = False) -> PerLayer:
         host = np.asarray(leaf)
         sharding = leaf.sharding if isinstance(leaf, jax.Array) else None
         for i in range(n):
-            one = host[i] if not n_in else np.moveaxis(host[i], range(n_in), range(-n_in, 0))
-            one = jax.device_put(np.ascontiguousarray(one), sharding and _drop_layer(sharding))
+            one = _put_moved(host[i], sharding and _drop_layer(sharding), 0, n_in)
             per[i].append(OutMajorWeight(one, n_in) if n_in else one)
         if isinstance(leaf, jax.Array):
             leaf.delete()
@@ -140,11 +139,24 @@ class OutMajorWeight:
 
 def _held(w, n_in: int, layer_axes: int):
     """One projection leaf as an OutMajorWeight (`layer_axes` leading stacked-layer axes kept in front)."""
-    host = np.asarray(w)
-    axes = range(layer_axes, layer_axes + n_in)
-    moved = np.ascontiguousarray(np.moveaxis(host, axes, range(-n_in, 0)))
     sharding = w.sharding if isinstance(w, jax.Array) else None
-    return OutMajorWeight(jax.device_put(moved, sharding), n_in)
+    return OutMajorWeight(_put_moved(np.asarray(w), sharding, layer_axes, n_in), n_in)
+
+
+def _put_moved(host: np.ndarray, sharding, start: int, n_in: int):
+    """`host` with its axes [start, start + n_in) moved last (none when n_in is 0), onto `sharding`'s devices
+    with the spec moved alike. The one copy goes into a 64-byte aligned buffer, which a CPU device then takes
+    as its own without a second copy."""
+    perm = [i for i in range(host.ndim) if not start <= i < start + n_in] + list(range(start, start + n_in))
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = (*sharding.spec, *[None] * (host.ndim - len(sharding.spec)))
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*(spec[i] for i in perm)))
+    host = host.transpose(perm)
+    buf = np.empty(host.nbytes + 64, np.uint8)
+    at = -buf.ctypes.data % 64
+    out = buf[at : at + host.nbytes].view(host.dtype).reshape(host.shape)
+    out[...] = host
+    return jax.device_put(out, sharding)
 
 
 def _map_projections(tree, prefix: str, fn):
