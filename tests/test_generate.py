@@ -12,7 +12,7 @@ import pytest
 import torch
 from hf_models import make_hf_model
 
-from mistral_jax import checkpoint, programs
+from mistral_jax import checkpoint, programs, tuning
 from mistral_jax.config import Numerics
 from mistral_jax.generator import Generator, SamplingParams
 
@@ -42,14 +42,14 @@ def _prompts(vocab, lengths, seed=1):
 @pytest.mark.parametrize("window,layout", [(5, "stacked"), (None, "stacked"), (5, "tuned")])
 def test_batched_greedy_matches_transformers_one_at_a_time(tmp_path, window, layout):
     """layout "stacked": the training layout; "tuned": what load_model gives (tuning.for_inference: per-layer
-    params on one CPU device)."""
+    params and out-major projections on one CPU device)."""
     model, config, params = _load(tmp_path, sliding_window=window)
     if layout == "tuned":
         from mistral_jax import api
 
         loaded = api.load_model(tmp_path / "hf")
         config, params = loaded.config, loaded.params
-        assert isinstance(params["layers"], tuple)
+        assert isinstance(params["layers"], tuning.PerLayer)
     prompts = _prompts(config.vocab_size, [3, 17, 9, 30, 1])  # 30 > prefill chunk: chunked prefill
     gen = Generator(params, config, NUM, batch_size=4, prefill_chunk=8)  # 5 prompts: two batches, one partial
     batches = []
@@ -69,7 +69,7 @@ def test_batch_of_one_on_the_tuned_layout_matches_transformers(tmp_path):
 
     model, _, _ = _load(tmp_path, sliding_window=5)
     loaded = api.load_model(tmp_path / "hf")
-    assert isinstance(loaded.params["layers"], tuple)
+    assert isinstance(loaded.params["layers"], tuning.PerLayer)
     prompts = _prompts(loaded.config.vocab_size, [3, 12])
     outs = api.Mistral(loaded, batch_size=1, prefill_chunk=8).generator.generate(
         prompts, SamplingParams(max_new_tokens=30, stop_token_ids=())
@@ -357,7 +357,7 @@ def _tuned(tmp_path):
 
     make_hf_model(0, sliding_window=8)[0].save_pretrained(tmp_path / "hf")
     loaded = api.load_model(tmp_path / "hf")
-    assert isinstance(loaded.params["layers"], tuple)
+    assert isinstance(loaded.params["layers"], tuning.PerLayer)
     return loaded.config, loaded.params, loaded.mesh
 
 
