@@ -8,15 +8,36 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from mistral_jax.config import MistralConfig
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ("fsdp=8", "tensor=8")
+# Mistral's head size and GQA ratio at small width: 8 KV heads split over tensor=8.
+CONFIG = MistralConfig(
+    vocab_size=1024,
+    dim=512,
+    n_layers=2,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=128,
+    hidden_dim=1024,
+    sliding_window=256,
+    max_seq_len=1024,
+)
+ESTIMATE_CONFIG = CONFIG.replace(n_layers=16)  # the estimate compiles 1 and 2 layers whatever the count
 
 
-def test_tpu_programs_compile_for_v5e_8():
+@pytest.fixture(scope="module")
+def results():
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_tpu_programs_compile_for_v5e_8(results):
     for mesh in MESHES:
         r = results[mesh]
         # The Mosaic kernel (not the fallback) under shard_map, forward and backward.
@@ -30,6 +51,18 @@ def test_tpu_programs_compile_for_v5e_8():
     assert cli["fits"] is True and cli["topology"] == "v5e:2x4" and cli["mesh"] == "data=1,fsdp=8,tensor=1"
     assert 0 < cli["planned_bytes"] and 0 < cli["compiled_bytes"] <= cli["hbm_bytes"] == 16 * 2**30
     assert cli["compile_seconds"] > 0 and len(cli["optimal_seconds"]) == len(cli["programs"]) == 1
+
+
+def test_decode_step_estimate_is_near_the_hbm_floor(results):
+    """The decode step's bytes accessed (all layers from 1 and 2) against the bytes a step must read: every weight
+    and the whole KV cache once, per device of tensor=8 (all of them split 8 ways; the norm scales replicated)."""
+    c, b, slots = ESTIMATE_CONFIG, 8, 512
+    n, k, h, d, f = c.n_heads, c.n_kv_heads, c.head_dim, c.dim, c.hidden_dim
+    layer = (2 * d * n * h + 2 * d * k * h + 3 * d * f) * 2 / 8 + 2 * d * 2
+    weights = c.n_layers * layer + 2 * c.vocab_size * d * 2 / 8 + d * 2
+    cache = 2 * c.n_layers * b * k * slots * h * 2 / 8
+    ratio = results["tensor=8"]["estimate"]["bytes_accessed"] / (weights + cache)
+    assert 0.9 < ratio < 2, ratio
 
 
 def test_plan_refuses_compile_without_topology(capsys):
@@ -48,21 +81,10 @@ def _worker() -> dict:
 
     from infer import plan
     from mistral_jax import aot_programs, kv_cache, programs, topology
-    from mistral_jax.config import MistralConfig, Numerics
+    from mistral_jax.config import Numerics
     from mistral_jax.lora import LoraConfig
 
-    # Mistral's head size and GQA ratio at small width: 8 KV heads split over tensor=8.
-    config = MistralConfig(
-        vocab_size=1024,
-        dim=512,
-        n_layers=2,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=128,
-        hidden_dim=1024,
-        sliding_window=256,
-        max_seq_len=1024,
-    )
+    config = CONFIG
     b, t, slots = 8, 512, 512
     splash = Numerics.of("bfloat16").replace(attention_impl="splash")
     out = {}
@@ -86,6 +108,9 @@ def _worker() -> dict:
         numerics = splash.replace(param_dtype="float32")
         lora = LoraConfig(rank=8, targets=("q", "v"))
         r["train"] = aot_programs.train_programs(mm, numerics, job, lora_spec=lora)[0].as_dict()
+        if spec == "tensor=8":
+            em = topology.model_mesh(ESTIMATE_CONFIG, "v5e:2x4", spec)
+            r["estimate"] = aot_programs.decode_step_estimate(em, Numerics.of("bfloat16"), b, slots)[0].as_dict()
         out[spec] = r
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
