@@ -19,11 +19,29 @@ from . import programs
 from .batching import bucket_length, pad_rows
 from .config import MistralConfig, Numerics
 from .decode import LENGTH, STOP, DecodeState
-from .kv_cache import num_slots
+from .kv_cache import KVCache, num_slots
 from .sharding import ModelMesh
 
 EOS_ID = 2
 _REASONS = {STOP: "stop", LENGTH: "length"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    """One batch on the host (Generator._prepare): everything its prefill and decode calls need but the cache."""
+
+    prompts: list
+    sampling: list
+    stop_lists: list  # per row, the stop ids
+    tokens: np.ndarray  # [batch_size, T] right-padded
+    lengths: np.ndarray  # [batch_size]
+    host: dict  # the DecodeState's arrays but the cache and logits
+    chunk: int  # prefill chunk
+    slots: int  # KV cache slots
+    step: int  # decode steps per call
+    sampled: bool  # any row samples (else the greedy-only program)
+    need_host: bool  # the host looks at every call's tokens (streaming, stop strings)
+    final: bool  # one call does every step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,27 +154,38 @@ class Generator:
                 raise ValueError(f"prompt {i}: {err}")
         results: list[Completion | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))  # stable: ties keep their order
-        with self.mesh.activate():
-            for s in range(0, len(prompts), self.batch_size):
-                idx = order[s : s + self.batch_size]
-                update = None if on_update is None else (lambda i, c, _idx=idx: on_update(_idx[i], c))
-                comps = self._batch([list(prompts[j]) for j in idx], [sampling[j] for j in idx], update, steps_per_call)
-                for j, comp in zip(idx, comps):
-                    results[j] = comp
-                if on_batch is not None:
-                    on_batch(idx, comps)
+        batches = [order[s : s + self.batch_size] for s in range(0, len(prompts), self.batch_size)]
+        prepared = [
+            self._prepare([list(prompts[j]) for j in idx], [sampling[j] for j in idx], on_update, steps_per_call)
+            for idx in batches
+        ]
+        # Every program the batches will call, queued in the order they call them: later batches' programs
+        # compile while the first ones run.
+        queued = [programs.ahead(fn, self.mesh, args, st) for b in prepared for fn, args, st in self._programs(b)]
+        try:
+            with self.mesh.activate():
+                for idx, b in zip(batches, prepared):
+                    update = None if on_update is None else (lambda i, c, _idx=idx: on_update(_idx[i], c))
+                    comps = self._batch(b, update)
+                    for j, comp in zip(idx, comps):
+                        results[j] = comp
+                    if on_batch is not None:
+                        on_batch(idx, comps)
+        finally:
+            programs.cancel(queued)
         return results
 
-    def _timed(self, fn, *args, **kwargs):
-        """fn(...) waited for; its seconds, less any compilation inside them, count as busy."""
-        timer = programs.process_timer()
-        t0, c0 = time.perf_counter(), timer.seconds
-        out = jax.block_until_ready(fn(*args, **kwargs))
-        self._busy += max(0.0, time.perf_counter() - t0 - (timer.seconds - c0))
+    def _run(self, jitted, *args, **statics):
+        """jitted(...) waited for; its running time, not its compilation, counts as busy."""
+        program = programs.ahead(jitted, self.mesh, args, statics).result()
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(program(*args))
+        self._busy += time.perf_counter() - t0
         return out
 
-    def _batch(self, prompts, sampling, on_update, steps_per_call) -> list[Completion]:
-        """Prefills and decodes one batch of at most batch_size prompts."""
+    def _prepare(self, prompts, sampling, on_update, steps_per_call) -> _Batch:
+        """One batch of at most batch_size prompts on the host: its padded tokens, its decode state's arrays
+        and the shapes of its programs."""
         c, bs, n = self.config, self.batch_size, len(prompts)
         lengths_list = [len(p) for p in prompts]
         # Never generate past the model's context (the cache of an unwindowed model is sized by it).
@@ -169,11 +198,6 @@ class Generator:
         # share one decode program.
         slots = self.cache_slots or num_slots(c, min(1 << (t + m - 1).bit_length(), c.max_seq_len))
         tokens, lengths = pad_rows(prompts, bs, t)
-
-        cache = self.mesh.cache(bs, slots, self.numerics.dtype)
-        self.last_cache_shape = tuple(cache.k.shape)
-        prefill = programs.prefill_program(c, self.numerics, chunk, self.mesh)
-        logits, cache = self._timed(prefill, self.params, *self.mesh.place(tokens, lengths), cache)
 
         stop_lists = [list(s.stop_token_ids) if s.stop_token_ids is not None else [self.eos_id] for s in sampling]
         stop_ids = np.full((bs, max(1, max(len(x) for x in stop_lists))), -1, np.int32)
@@ -200,17 +224,64 @@ class Generator:
             max_new=row_max_new,
             stop_ids=stop_ids,
         )
-        state = DecodeState(cache=cache, logits=logits, **self.mesh.place(host))
-        sampled = any(s.temperature > 0 for s in sampling)
         need_host = on_update is not None or any(s.stop_strings for s in sampling)
         step = steps_per_call or (16 if need_host else m)
-        # One call does every step: its last token need not be fed (decode's `final`).
-        final = step >= m
-        decode = programs.decode_program(c, self.numerics, self.mesh)
+        return _Batch(
+            prompts=prompts,
+            sampling=sampling,
+            stop_lists=stop_lists,
+            tokens=tokens,
+            lengths=lengths,
+            host=host,
+            chunk=chunk,
+            slots=slots,
+            step=step,
+            sampled=any(s.temperature > 0 for s in sampling),
+            need_host=need_host,
+            # One call does every step: its last token need not be fed (decode's `final`).
+            final=step >= m,
+        )
+
+    def _programs(self, b: _Batch) -> list[tuple]:
+        """(jitted, abstract arguments, static arguments) of the batch's prefill and decode calls."""
+        c, bs, mesh = self.config, self.batch_size, self.mesh
+
+        def rows(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh.batch_sharding(x.ndim))
+
+        cache = jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+            KVCache.shapes(c, bs, b.slots, self.numerics.dtype),
+            mesh.cache_shardings(),
+        )
+        logits = jax.ShapeDtypeStruct((bs, c.vocab_size), np.float32, sharding=mesh.batch_sharding(2))
+        state = DecodeState(cache=cache, logits=logits, **{k: rows(v) for k, v in b.host.items()})
+        return [
+            (
+                programs.prefill_program(c, self.numerics, b.chunk, mesh),
+                (self.params, rows(b.tokens), rows(b.lengths), cache),
+                {},
+            ),
+            (
+                programs.decode_program(c, self.numerics, mesh),
+                (self.params, state, np.int32(b.step)),
+                dict(sampled=b.sampled, final=b.final),
+            ),
+        ]
+
+    def _batch(self, b: _Batch, on_update) -> list[Completion]:
+        """Prefills and decodes one prepared batch."""
+        n, prompts, stop_lists = len(b.prompts), b.prompts, b.stop_lists
+        cache = self.mesh.cache(self.batch_size, b.slots, self.numerics.dtype)
+        self.last_cache_shape = tuple(cache.k.shape)
+        (prefill, _, _), (decode, _, statics) = self._programs(b)
+        logits, cache = self._run(prefill, self.params, *self.mesh.place(b.tokens, b.lengths), cache)
+        state = DecodeState(cache=cache, logits=logits, **self.mesh.place(b.host))
+        need_host, sampling = b.need_host, b.sampling
 
         cut: dict[int, tuple[list[int], str]] = {}  # rows stopped by a stop string: (ids, text)
         while True:
-            state = self._timed(decode, self.params, state, np.int32(step), sampled=sampled, final=final)
+            state = self._run(decode, self.params, state, np.int32(b.step), **statics)
             out, cnt, done, reason = self.mesh.fetch((state.out, state.n, state.done, state.reason))
             if need_host:
                 newly_done = []

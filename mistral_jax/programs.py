@@ -1,6 +1,7 @@
 """The compiled generation programs: decode.prefill and decode.decode jitted once per (config, numerics, static
-arguments, mesh), their compilations counted, and JAX's persistent compilation cache, which lets a second run
-of a job skip compiling them.
+arguments, mesh), compiled ahead of their calls on a background thread (a job's later programs compile while
+its first ones run), their compilations counted, and JAX's persistent compilation cache, which lets a second
+run of a job skip compiling them.
 
 The programs' outputs are pinned to the mesh's batch and cache shardings, the same that ModelMesh.place and
 ModelMesh.cache give the inputs, so a state fed back from one call to the next never compiles again.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 from jax.sharding import Mesh
@@ -79,15 +82,67 @@ def state_shardings(mesh: Mesh, rules) -> decode_lib.DecodeState:
 def count(kind: str | None = None) -> int:
     """Compiled programs held in this process: all, or those of `kind` ("prefill" / "decode")."""
     kinds = _JITTED if kind is None else {kind: _JITTED[kind]}
-    return sum(fn._cache_size() for fns in kinds.values() for fn in fns)
+    fns = [fn for fns in kinds.values() for fn in fns]
+    ahead = sum(1 for key, f in _COMPILED.items() if key[0] in fns and f.done() and not f.exception())
+    return sum(fn._cache_size() for fn in fns) + ahead
+
+
+# ---- compiling ahead ----------------------------------------------------------------------------------------
+
+_COMPILED: dict[tuple, Future] = {}  # (jitted, argument signature, static arguments) -> its compiled program
+_LOCK = threading.Lock()
+
+
+@functools.cache
+def _worker() -> ThreadPoolExecutor:
+    # One thread: programs compile one at a time, in the order the calls will need them.
+    return ThreadPoolExecutor(1, thread_name_prefix="mistral-jax-compile")
+
+
+def _sharding(x):
+    return getattr(x, "sharding", None)  # None: a host value, placed by the call
+
+
+def _signature(args) -> tuple:
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple((tuple(x.shape), str(x.dtype), _sharding(x)) for x in leaves)
+
+
+def ahead(jitted, mesh: ModelMesh, args: tuple, statics: dict) -> Future:
+    """The compiled program of jitted(*args, **statics) (args: arrays or jax.ShapeDtypeStructs with their
+    shardings), queued on the compile thread unless this process has it or has queued it already."""
+    key = (jitted, _signature(args), tuple(sorted(statics.items())))
+    with _LOCK:
+        fut = _COMPILED.get(key)
+        if fut is None or fut.cancelled() or (fut.done() and fut.exception() is not None):
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding(x)), args)
+            fut = _COMPILED[key] = _worker().submit(_compile, jitted, mesh, abstract, statics)
+    return fut
+
+
+def _compile(jitted, mesh: ModelMesh, abstract: tuple, statics: dict):
+    with mesh.activate():  # the logical constraints' mesh is per thread
+        return jitted.lower(*abstract, **statics).compile()
+
+
+def call(jitted, mesh: ModelMesh, *args, **statics):
+    """jitted(*args, **statics) through its compiled program (waiting for it if it is still compiling)."""
+    return ahead(jitted, mesh, args, statics).result()(*args)
+
+
+def cancel(futures) -> None:
+    """Drops queued compilations that have not started (a job that stopped early)."""
+    for f in futures:
+        f.cancel()
 
 
 # ---- compilation time ---------------------------------------------------------------------------------------
 
 
 class CompileTimer:
-    """Adds up the seconds JAX spends tracing and compiling from its creation on (its /jax/core/compile/
-    monitoring events; a persistent-cache hit's retrieval is inside backend_compile_duration)."""
+    """Adds up the seconds JAX spends tracing and compiling from its creation on, in every thread (its
+    /jax/core/compile/ monitoring events; a persistent-cache hit's retrieval is inside
+    backend_compile_duration)."""
 
     def __init__(self):
         self.seconds = 0.0
@@ -96,12 +151,6 @@ class CompileTimer:
     def _on_event(self, event: str, duration: float, **_):
         if event.startswith("/jax/core/compile/"):
             self.seconds += duration
-
-
-@functools.cache
-def process_timer() -> CompileTimer:
-    """One timer for the process, made on first use (Generator's busy time leaves compilation out)."""
-    return CompileTimer()
 
 
 def enable_compilation_cache(path: str | None = None) -> str | None:

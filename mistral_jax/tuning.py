@@ -10,7 +10,7 @@ apply on one CPU device only; on TPU and GPU the plain stacked params are what r
   out-major projections (OutMajorWeight): each projection weight is held [out..., in...] and brings its own
     product (as lora.LoraWeight does). XLA:CPU's matmul library streams the weight fastest as the left
     operand of a few-row product, W x^T; its transpose back is kept apart from the product, or XLA folds it
-    in and swaps the operands back. Decode's products are all few-row ones.
+    in and swaps the operands back. Decode's products (one position per row) take that form.
 bench/generate_bench.py --tuning measures each against the plain path.
 """
 
@@ -27,7 +27,7 @@ from . import params as params_lib
 from .sharding import ModelMesh
 
 TUNINGS = ("per_layer", "out_major")
-FEW_ROWS = 64  # products of at most this many rows take the W x^T form
+FEW_ROWS = 64  # one-position products of at most this many rows take the W x^T form
 
 
 def on_one_cpu_device(mesh: ModelMesh) -> bool:
@@ -130,7 +130,8 @@ class OutMajorWeight:
         x2 = x.reshape(math.prod(lead), -1)
         w2 = w.reshape(math.prod(out_shape), -1)
         contract = (((1,), (1,)), ((), ()))
-        if x2.shape[0] <= FEW_ROWS:
+        # Decode's products only (one position per row): a row's result then never depends on its batch.
+        if lead and lead[-1] == 1 and x2.shape[0] <= FEW_ROWS:
             y = jax.lax.optimization_barrier(jax.lax.dot_general(w2, x2, contract)).T
         else:
             y = jax.lax.dot_general(x2, w2, contract)

@@ -284,10 +284,10 @@ def test_every_bad_row_is_its_own_error_row(ckpt, tmp_path, monkeypatch):
 
     real = generator.Generator._batch
 
-    def failing(self, prompts, *a, **k):
-        if [1, 99, 99, 99] in prompts:
+    def failing(self, batch, *a, **k):
+        if [1, 99, 99, 99] in batch.prompts:
             raise RuntimeError("boom")
-        return real(self, prompts, *a, **k)
+        return real(self, batch, *a, **k)
 
     monkeypatch.setattr(generator.Generator, "_batch", failing)
     out = tmp_path / "out.jsonl"

@@ -45,7 +45,7 @@ def test_tuned_params_equal_the_plain_stacked_params_with_and_without_a_cache(tu
         np.testing.assert_array_equal(np.asarray(head.w), np.asarray(plain["output"]["kernel"]).T)
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 40)))
-    # 80 rows: past tuning.FEW_ROWS, so the many-row product runs too; the cache run covers few rows.
+    # Many positions per row: the plain product form; the decode steps of the cache run take the W x^T form.
     np.testing.assert_allclose(
         model.logits(tuned, tokens, config=c), model.logits(plain, tokens, config=c), rtol=1e-5, atol=1e-5
     )
