@@ -10,7 +10,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "orbax-v0.1.0")
 # libtpu's start-up lines: "Failed to find host bounds ... TPU accelerator type", "TPU_WORKER_HOSTNAMES", ...
-TPU_LINE = re.compile(r"tpu|InitGoogle", re.IGNORECASE)
+TPU_LINE = re.compile(r"libtpu|\bTPU|InitGoogle", re.IGNORECASE)
 
 
 def _env() -> dict:
