@@ -6,7 +6,7 @@ Mistral 7B's shape cut to a few layers, a small width and 128-token rows (the fu
 it must fit, and the compiler's arguments must be the plan's params and optimizer state (the exact rows). At
 full size the plan, held within 15% of the compiler by `python bench/tpu_table.py` (docs/benchmarks.md), must fit
 the usable HBM with headroom. The compiles run in ONE subprocess (this file run as a script), which loads libtpu
-apart from the CPU tests."""
+apart from the CPU tests, one per config, side by side (the TPU compiler keeps one core busy)."""
 
 import glob
 import json
@@ -52,10 +52,13 @@ def test_shipped_tpu_configs_fit_their_slice():
     configs = shipped_tpu_configs()
     assert len(configs) >= 2
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert sorted(results) == sorted(configs)
+    pipes = dict(env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = {path: subprocess.Popen([sys.executable, __file__, path, t], **pipes) for path, t in configs.items()}
+    results = {}
+    for path, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out.decode()[-3000:] + err.decode()[-3000:]
+        results[path] = json.loads(out.decode().strip().splitlines()[-1])
     for path, r in results.items():
         small, full = r["small"], r["full"]
         assert small["topology"] == configs[path] and small["fits"] is True, (path, small)
@@ -69,7 +72,8 @@ def test_shipped_tpu_configs_fit_their_slice():
         assert full["planned_bytes"] <= (1 - HEADROOM) * full["usable_bytes"], (path, full)
 
 
-def _worker() -> dict:
+def _worker(path: str, topology: str) -> dict:
+    """infer.plan's JSON for the config: compiled at the small size, planned at full size."""
     import contextlib
     import io
     import tempfile
@@ -84,21 +88,18 @@ def _worker() -> dict:
         small = os.path.join(tmp, "mistral_jax.json")
         with open(small, "w") as f:
             json.dump(MistralConfig(**SMALL).to_dict(), f)
-        for path, topology in shipped_tpu_configs().items():
-            r = {}
-            for name, flags in (
-                ("small", ["--checkpoint", small, "--seq-len", str(SMALL_SEQ_LEN), "--compile"]),
-                ("full", ["--preset", "mistral-7b-v0.1"]),
-            ):
-                buf = io.StringIO()
-                with contextlib.redirect_stdout(buf):
-                    code = plan.main([*flags, "--topology", topology, "--config", path, "--json"])
-                assert code == 0, (path, name, buf.getvalue())
-                r[name] = json.loads(buf.getvalue().strip().splitlines()[-1])
-            out[path] = r
+        for name, flags in (
+            ("small", ["--checkpoint", small, "--seq-len", str(SMALL_SEQ_LEN), "--compile"]),
+            ("full", ["--preset", "mistral-7b-v0.1"]),
+        ):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                code = plan.main([*flags, "--topology", topology, "--config", path, "--json"])
+            assert code == 0, (path, name, buf.getvalue())
+            out[name] = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert jax.default_backend() == "cpu"
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker()))
+    print(json.dumps(_worker(*sys.argv[1:3])))
