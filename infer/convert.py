@@ -18,7 +18,7 @@ import argparse
 import sys
 import time
 
-from mistral_jax import checkpoint
+from mistral_jax import checkpoint, launch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
+    launch.default_platforms()
     p = _Parser(prog="python -m infer.convert", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True)
     p.add_argument("--dst", required=True)

@@ -23,7 +23,7 @@ import sys
 import jax
 
 from infer import convert, generate, score
-from mistral_jax import checkpoint
+from mistral_jax import checkpoint, launch
 from mistral_jax import params as params_lib
 from mistral_jax.config import get_preset
 from mistral_jax.tokenizer import mistral_common_tokenizer
@@ -68,6 +68,7 @@ def prepare_workdir(w: str) -> None:
 
 
 def main(argv=None) -> int:
+    launch.default_platforms()
     p = argparse.ArgumentParser(prog="python -m infer.demo", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="out/infer-demo")
     args = p.parse_args(argv)

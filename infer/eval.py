@@ -56,6 +56,7 @@ def lm_eval_argv(args, rest: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
+    launch.default_platforms()
     args, rest = parse_args(argv)
     lm_argv = lm_eval_argv(args, rest)
     try:

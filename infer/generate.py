@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     saying `error: ...`), which the process entry point prints as one line, exit 2."""
     from mistral_jax import launch
 
+    launch.default_platforms()
     args = parse_args(argv)
     with launch.user_errors():
         return _main(args)

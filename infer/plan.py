@@ -25,11 +25,11 @@ import json
 import math
 import sys
 
-from mistral_jax import checkpoint, memory_plan, mesh_choice, sharding
+from mistral_jax import checkpoint, launch, memory_plan, mesh_choice, sharding
 from mistral_jax.config import ATTENTION_IMPLS, PRESETS, Numerics, get_preset
+from mistral_jax.topology import CHIPS
 
 JOBS = ("generate", "score", "lora", "full")
-TOPOLOGY_CHIPS = ("v4", "v5e", "v5p", "v6e")
 
 
 def parse_args(argv=None):
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--topology",
         metavar="CHIP:SHAPE",
-        help=f"a TPU slice, e.g. v5e:2x4 or v5p:2x2x1 (chips: {', '.join(TOPOLOGY_CHIPS)}): its "
+        help=f"a TPU slice, e.g. v5e:2x4 or v5p:2x2x1 (chips: {', '.join(CHIPS)}): its "
         "device count and HBM; with --compile, its compiler",
     )
     p.add_argument(
@@ -104,18 +104,18 @@ def mesh_sizes(spec: str | None, devices: int | None) -> dict[str, int]:
 
 
 def topology_devices(topology: str) -> int:
-    """'v5e:2x4' -> 8: a chip per position (a v4 / v5p megacore chip is one device)."""
+    """'v5e:2x4' -> 8: the devices of a chip per position (topology.Chip: a v5p chip is one, a v4 chip two)."""
     chip, _, shape = topology.partition(":")
     try:
         dims = [int(d) for d in shape.split("x")]
     except ValueError:
         dims = []
-    if chip not in TOPOLOGY_CHIPS or not dims or min(dims) <= 0:
+    if chip not in CHIPS or not dims or min(dims) <= 0:
         raise ValueError(
             f"--topology {topology!r}: expected CHIP:SHAPE with CHIP one of "
-            f"{', '.join(TOPOLOGY_CHIPS)}, e.g. v5e:2x4 or v5p:2x2x1"
+            f"{', '.join(CHIPS)}, e.g. v5e:2x4 or v5p:2x2x1"
         )
-    return math.prod(dims)
+    return math.prod(dims) * CHIPS[chip].devices_per_chip
 
 
 def read_run_config(args):
@@ -161,7 +161,8 @@ def job_settings(job: str, args, run) -> dict:
         numerics = numerics.replace(attention_impl=args.attention)
     if batch % accum:
         raise ValueError(f"batch size {batch} is not a multiple of grad_accum {accum}")
-    return dict(batch_size=batch, seq_len=seq, grad_accum=accum, lora_rank=rank, numerics=numerics)
+    mu = run.optimizer.mu_dtype if run is not None and train else None
+    return dict(batch_size=batch, seq_len=seq, grad_accum=accum, lora_rank=rank, numerics=numerics, mu_dtype=mu)
 
 
 def plan_of(config, sizes, job: str, s: dict) -> memory_plan.Plan:
@@ -180,6 +181,7 @@ def plan_of(config, sizes, job: str, s: dict) -> memory_plan.Plan:
         lora_rank=s["lora_rank"],
         numerics=n,
         grad_accum=s["grad_accum"],
+        mu_dtype=s["mu_dtype"],
     )
 
 
@@ -252,7 +254,7 @@ def compare_meshes(config, args, s: dict, chosen: dict[str, int]) -> list[dict]:
                 "roofline_seconds": roof,
                 "optimal_seconds": p.optimal_seconds,
                 "compiled_bytes": p.compiled_bytes,
-                "fits": p.compiled_bytes <= chip.hbm_bytes,
+                "fits": p.compiled_bytes <= chip.usable_bytes,
             }
         )
     if not args.json:
@@ -268,6 +270,7 @@ def compare_meshes(config, args, s: dict, chosen: dict[str, int]) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    launch.default_platforms()
     args = parse_args(argv)
     try:
         config = get_preset(args.preset) if args.preset else checkpoint.load_config(args.checkpoint)
@@ -297,7 +300,8 @@ def main(argv=None) -> int:
     for job in jobs:
         s = settings[job]
         sizes, why = meshes[job]
-        name = f"{math.prod(sizes.values())} x {args.device or chip or 'device'}"
+        dev = args.device or chip
+        name = f"{math.prod(sizes.values())} x {dev or 'device'}"
         plan = plan_of(config, sizes, job, s)
         if why:
             plan.notes.insert(0, f"mesh {sharding.describe(sizes)}: {why}")
@@ -323,7 +327,8 @@ def main(argv=None) -> int:
                         "mesh": sharding.describe(sizes),
                         "devices": math.prod(sizes.values()),
                         "planned_bytes": plan.total_bytes,
-                        "hbm_bytes": memory,
+                        "hbm_bytes": CHIPS[dev].hbm_bytes if dev in CHIPS and not args.memory_gib else memory,
+                        "usable_bytes": memory,
                         "fits": None if memory is None else plan.total_bytes <= memory,
                         "rows": {r.what: r.bytes for r in plan.rows},
                         "notes": plan.notes,
@@ -335,7 +340,7 @@ def main(argv=None) -> int:
             for note in plan.notes:
                 print(f"note: {note}", file=sys.stderr)
         else:
-            print(memory_plan.format_plan(plan, memory, args.device or chip or ""))
+            print(memory_plan.format_plan(plan, memory, f"{dev}, usable" if dev in CHIPS else dev or ""))
     return 0
 
 

@@ -78,6 +78,7 @@ class Totals:
 def main(argv=None) -> int:
     """The exit code: 0, or 1 when every row was an error. A user error raises launch.UserError (a SystemExit
     saying `error: ...`), which the process entry point prints as one line, exit 2."""
+    launch.default_platforms()
     args = parse_args(argv)
     with launch.user_errors():
         return _main(args)

@@ -35,6 +35,7 @@ class Report:
     notes: list[str]
     chip: Chip
     floor_seconds: float | None = None  # generate: a decode step's HBM floor (weights + KV cache read once)
+    planned_rows: dict[str, int] = dataclasses.field(default_factory=dict)  # the plan's bytes by row
 
     def roofline_seconds(self, p: Program) -> float | None:
         """max(FLOPs / peak, bytes accessed / HBM bandwidth) of a program: the estimate to compare meshes with
@@ -50,7 +51,8 @@ class Report:
 
     @property
     def fits(self) -> bool:
-        return self.compiled_bytes <= self.hbm_bytes and not any(p.error for p in self.programs)
+        """Every program compiled within the HBM the compiler lets it use (Chip.usable_bytes)."""
+        return self.compiled_bytes <= self.chip.usable_bytes and not any(p.error for p in self.programs)
 
     @property
     def compile_seconds(self) -> float:
@@ -67,8 +69,10 @@ class Report:
             "planned_bytes": self.planned_bytes,
             "compiled_bytes": self.compiled_bytes,
             "hbm_bytes": self.hbm_bytes,
-            "headroom_bytes": self.hbm_bytes - self.compiled_bytes,
+            "usable_bytes": self.chip.usable_bytes,
+            "headroom_bytes": self.chip.usable_bytes - self.compiled_bytes,
             "plan_error": None if plan_vs is None else round(plan_vs, 3),
+            "planned_rows": self.planned_rows,
             "floor_seconds": self.floor_seconds,
             "compile_seconds": self.compile_seconds,
             "optimal_seconds": {p.name: p.optimal_seconds for p in self.programs},
@@ -92,8 +96,8 @@ class Report:
             if p.error:
                 lines.append(f"    refused: {p.error}")
         lines += [
-            f"  planned {g(self.planned_bytes)}, compiled {g(self.compiled_bytes)}, HBM {g(self.hbm_bytes)}: "
-            f"{'fits' if self.fits else 'does NOT fit'}"
+            f"  planned {g(self.planned_bytes)}, compiled {g(self.compiled_bytes)}, HBM {g(self.hbm_bytes)} "
+            f"({g(self.chip.usable_bytes)} usable): {'fits' if self.fits else 'does NOT fit'}"
         ]
         if self.floor_seconds is not None:
             lines.append(f"  decode step HBM floor (weights + KV cache read once): {self.floor_seconds * 1e3:.2f} ms")
@@ -126,10 +130,10 @@ def compile_job(
         "from its FLOPs and bytes accessed; a loop's body (the layer scan, the decode "
         "loop) counts once in both"
     ]
-    plan = planned(mm, numerics, job)
+    plan = planned(mm, numerics, job, opt_cfg.mu_dtype if opt_cfg is not None else None)
     floor = None
     if job.kind == "generate":
         floor = (plan.bytes_of("weights") + plan.bytes_of("cache")) / chip.hbm_bandwidth
-    return Report(
-        job.kind, topology, describe(mm.mesh), mm.size, chip.hbm_bytes, plan.total_bytes, progs, notes, chip, floor
-    )
+    rows = {r.what: r.bytes for r in plan.rows}
+    size, hbm = mm.size, chip.hbm_bytes
+    return Report(job.kind, topology, describe(mm.mesh), size, hbm, plan.total_bytes, progs, notes, chip, floor, rows)

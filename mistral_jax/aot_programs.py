@@ -319,8 +319,8 @@ def train_programs(
         ]
 
 
-def planned(mm: ModelMesh, numerics: Numerics, job: Job) -> memory_plan.Plan:
-    """memory_plan's plan of the job (what the tools check before compiling)."""
+def planned(mm: ModelMesh, numerics: Numerics, job: Job, mu_dtype: str | None = None) -> memory_plan.Plan:
+    """memory_plan's plan of the job (what the tools check before compiling); `mu_dtype`: AdamW's first moment."""
     if job.kind in ("generate", "score"):
         return memory_plan.inference(mm.config, mm.mesh, numerics.dtype, job.batch_size, job.seq_len, kind=job.kind)
     micro = job.batch_size // job.grad_accum
@@ -336,4 +336,5 @@ def planned(mm: ModelMesh, numerics: Numerics, job: Job) -> memory_plan.Plan:
         lora_rank=job.lora_rank,
         numerics=numerics,
         grad_accum=job.grad_accum,
+        mu_dtype=mu_dtype,
     )

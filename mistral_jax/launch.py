@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -63,6 +64,27 @@ def user_errors(files: bool = False):
         if not files:
             raise
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+
+def default_platforms() -> None:
+    """Keeps JAX on the CPU where libtpu is installed but no TPU or GPU is attached and the user chose no platform
+    (JAX_PLATFORMS): JAX would otherwise try the TPU first, and libtpu logs its failed look-ups (metadata
+    server, accelerator type, worker hostnames) to stderr. Every tool calls it first, before any JAX call;
+    ahead-of-time TPU compiles (mistral_jax/topology.py) need no TPU backend."""
+    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or importlib.util.find_spec("libtpu") is None:
+        return
+    try:
+        from jax._src import hardware_utils as hw  # JAX's own probe (PCI ids, /dev/nvidia*, KFD nodes)
+
+        attached = (
+            hw.num_available_tpu_chips_and_device_id()[0] > 0
+            or hw.has_visible_nvidia_gpu()
+            or hw.num_available_amd_gpus(stop_at=1) != 0
+        )
+    except (ImportError, AttributeError, OSError):  # another JAX version: leave the choice to JAX
+        return
+    if not attached:
+        jax.config.update("jax_platforms", "cpu")
 
 
 def check_batch_size(requested: int) -> None:

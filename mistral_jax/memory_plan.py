@@ -5,18 +5,20 @@ real arrays, so `python -m infer.plan` can plan an 8-chip TPU job on a laptop. P
 the KV cache are exact (they are what the code allocates); activations are an estimate and only warn.
 
 Training assumptions (docs/scaling.md states them next to the table):
-  full  float32 master params + float32 gradients + AdamW mu and nu in float32: 16 bytes per param, plus a
-        float32 gradient accumulator when grad_accum > 1, and a compute-dtype copy of the params.
+  full  float32 master params + float32 gradients + AdamW mu and nu in float32: 16 bytes per param (14 with
+        OptimizerConfig.mu_dtype bfloat16), plus a float32 gradient accumulator when grad_accum > 1, and a
+        compute-dtype copy of the params.
   lora  frozen base params in the run dtype; the adapters (lora.LoraConfig on every target: wq, wk, wv,
         wo, w1, w2, w3) in float32 with their gradients and AdamW state: 16 bytes per adapter param.
 
-The activation terms follow what the TPU compiler allocates for these programs (tests/test_memory_plan.py
-compares them with its figures for v5e and v5p slices, `infer.plan --compile`): one layer's weights gathered
-over fsdp while it computes; what the layer scan saves for the backward (per Numerics.remat: each layer's input,
-every matmul output, or everything); one layer recomputed at a time, its float32 attention scores [heads, T, S]
-included where the dense path runs (attention.blockwise_attention at T <= block + window; S is the key span of a
-query block beyond that; splash and cuDNN keep no scores); the float32 logits. Generation holds one more
-KV cache (the layer scan writes a new one), two layers' gathered weights and the gathered output head.
+The activation terms follow what the TPU compiler allocates for these programs at 32 layers (within 15% of
+its bytes on v5e-8, v5p-8 and v6e-8: `python bench/tpu_table.py`, docs/benchmarks.md): two layers' weights
+gathered over fsdp (one computing, the next arriving) and the gathered output head; what the layer scan saves
+for the backward (per Numerics.remat: each layer's input, every matmul output, or everything); one layer
+recomputed at a time, its float32 attention scores [heads, T, S] included where the dense path runs
+(attention.blockwise_attention at T <= block + window; S is the key span of a query block beyond that; splash
+and cuDNN keep no scores); the logits in float32 and in the compute dtype, and their gradient. Generation holds
+one more KV cache (the layer scan writes a new one), two layers' gathered weights and the gathered output head.
 """
 
 from __future__ import annotations
@@ -32,18 +34,17 @@ from . import kv_cache, sharding
 from . import lora as lora_lib
 from . import params as params_lib
 from .config import MistralConfig, Numerics
+from .topology import CHIPS
 
 GiB = 2**30
 
-# Memory per device in bytes (HBM per chip; a TPU v5p chip is 2 TensorCores, so v5p-8 is 4 such devices).
+# Memory a program may hold per device, in bytes: a GPU's HBM; a TPU device's HBM less what its compiler keeps
+# (topology.CHIPS: 15.75 of a v5e chip's 16 GiB).
 DEVICES: dict[str, int] = {
     "h100": 80 * GiB,
     "h200": 141 * 10**9,
     "a100": 80 * GiB,
-    "v5e": 16 * GiB,
-    "v5p": 95 * GiB,
-    "v6e": 32 * GiB,
-    "v4": 32 * GiB,
+    **{name: chip.usable_bytes for name, chip in CHIPS.items()},
 }
 
 # Row kinds; every kind but "activations" is exact and counts towards the refusal.
@@ -205,10 +206,12 @@ def training(
     *,
     numerics: Numerics | None = None,
     grad_accum: int = 1,
+    mu_dtype: str | None = None,
 ) -> Plan:
     """Plan for full fine-tuning (`mode='full'`) or LoRA (`mode='lora'`) with `batch` rows per microbatch
     (batch_size / grad_accum), see the module docstring. `numerics` gives the remat policy and the attention
-    kernel (default: remat full, the XLA path, in `compute_dtype`)."""
+    kernel (default: remat full, the XLA path, in `compute_dtype`); `mu_dtype` AdamW's first moment's
+    (OptimizerConfig.mu_dtype, default float32)."""
     if mode not in ("full", "lora"):
         raise ValueError(f"mode must be 'full' or 'lora', got {mode!r}")
     numerics = numerics or Numerics(dtype=compute_dtype, remat="full")
@@ -217,12 +220,14 @@ def training(
     batch = sharding.round_batch(batch, sizes)
     n = f"{config.num_params / 1e9:.2f}B"
     cb = _itemsize(compute_dtype)
+    mu = "bf16" if mu_dtype == "bfloat16" else "f32"
+    mu_size = _itemsize(mu_dtype or "float32")
     if mode == "full":
         p32 = param_bytes(config, sizes, 4, rules)
         rows = [
             Row("params (f32 master)", p32, f"{n} x 4 B", "weights"),
             Row("gradients (f32)", p32, "laid out as the params", "optimizer"),
-            Row("AdamW mu + nu (f32)", 2 * p32, "laid out as the params", "optimizer"),
+            Row(f"AdamW mu ({mu}) + nu (f32)", p32 + p32 * mu_size // 4, "laid out as the params", "optimizer"),
         ]
         if grad_accum > 1:
             rows.append(Row("gradient accumulator (f32)", p32, f"grad_accum {grad_accum}", "optimizer"))
@@ -246,7 +251,7 @@ def training(
             ),
             Row("LoRA adapters (f32)", a, f"rank {lora_rank}, {n_adapter / 1e6:.1f}M params", "weights"),
             Row("adapter gradients (f32)", a * (2 if grad_accum > 1 else 1), "", "optimizer"),
-            Row("AdamW mu + nu (f32)", 2 * a, "adapters only", "optimizer"),
+            Row(f"AdamW mu ({mu}) + nu (f32)", a + a * mu_size // 4, "adapters only", "optimizer"),
         ]
     rows += activation_rows(config, sizes, rules, batch, seq_len, numerics, cb)
     return Plan(f"{mode} fine-tuning, batch {batch} x {seq_len} tokens", sizes, rows, notes)
@@ -271,8 +276,14 @@ def activation_rows(
     layer = tokens * (dots + _split(c.hidden_dim, t)) * cb + scores
     saved = {"full": tokens * c.dim * cb, "dots": tokens * dots * cb, "none": layer}[numerics.remat]
     remat = {"full": "each layer's input", "dots": "each layer's matmul outputs", "none": "every activation"}
+    head = _split(c.vocab_size, t) * c.dim * cb
     return [
-        Row("gathered layer (est.)", layer_bytes(c, sizes, cb, rules), "one layer, whole over fsdp", "activations"),
+        Row(
+            "gathered layers (est.)",
+            2 * layer_bytes(c, sizes, cb, rules) + head,
+            "two layers and the output head, whole over fsdp",
+            "activations",
+        ),
         Row(
             "saved for backward (est.)",
             c.n_layers * saved,
@@ -285,7 +296,12 @@ def activation_rows(
             f"scores f32 [{b} x {heads}, {seq_len}, {keys}]" if keys else "no scores kept",
             "activations",
         ),
-        Row("logits (est.)", tokens * _split(c.vocab_size, t) * 4, f"f32 [{tokens}, vocab]", "activations"),
+        Row(
+            "logits (est.)",
+            tokens * _split(c.vocab_size, t) * (4 + 2 * cb),
+            f"[{tokens}, vocab] in f32, in the compute dtype and its gradient",
+            "activations",
+        ),
     ]
 
 

@@ -15,18 +15,22 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU chip as a JAX device sees it (a v4 / v5p chip is one megacore device)."""
+    """One device of a TPU slice as libtpu describes it for compiling: a v5p chip is one megacore device, a v4
+    chip two devices (one a TensorCore, each with half the chip's HBM and FLOP/s)."""
 
     hbm_bytes: int
+    usable_bytes: int  # what the compiler lets a program hold on a device ("available HBM" in its refusal)
     bf16_flops: float  # peak bfloat16 FLOP/s
     hbm_bandwidth: float  # bytes/s
+    devices_per_chip: int = 1
 
 
+# usable_bytes: libtpu 0.0.42.1's "exceeds available HBM (15.75G)" for each (tests/test_aot.py asks it again).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip(32 * GiB, 275e12, 1.2e12),
-    "v5e": Chip(16 * GiB, 197e12, 819e9),
-    "v5p": Chip(95 * GiB, 459e12, 2.77e12),
-    "v6e": Chip(32 * GiB, 918e12, 1.64e12),
+    "v4": Chip(16 * GiB, int(15.25 * GiB), 137.5e12, 0.6e12, devices_per_chip=2),
+    "v5e": Chip(16 * GiB, int(15.75 * GiB), 197e12, 819e9),
+    "v5p": Chip(96 * GiB, int(95.74 * GiB), 459e12, 2.77e12),
+    "v6e": Chip(32 * GiB, int(31.25 * GiB), 918e12, 1.64e12),
 }
 
 

@@ -49,6 +49,7 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float | None = 1.0  # global-norm clipping; None or 0 = off
+    mu_dtype: str | None = None  # AdamW's first moment: None = the params' dtype; "bfloat16" halves its memory
 
     def __post_init__(self):
         def bad(msg):
@@ -62,6 +63,8 @@ class OptimizerConfig:
             bad(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             bad(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.mu_dtype not in (None, "float32", "bfloat16"):
+            bad(f"mu_dtype must be float32 or bfloat16, got {self.mu_dtype!r}")
 
     def replace(self, **kw) -> OptimizerConfig:
         return dataclasses.replace(self, **kw)
@@ -86,7 +89,13 @@ def decay_mask(params: Params) -> Params:
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     adamw = optax.adamw(
-        cfg.schedule(), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+        cfg.schedule(),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+        mu_dtype=cfg.mu_dtype,
     )
     if cfg.clip_norm:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

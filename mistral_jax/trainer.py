@@ -124,6 +124,7 @@ class Trainer:
                 compute_dtype=self.numerics.dtype,
                 numerics=self.numerics,
                 grad_accum=cfg.grad_accum,
+                mu_dtype=cfg.optimizer.mu_dtype,
                 **({"lora_rank": lora.rank} if lora else {}),
             ),
             print_fn=log,

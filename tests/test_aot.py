@@ -27,6 +27,8 @@ CONFIG = MistralConfig(
     max_seq_len=1024,
 )
 ESTIMATE_CONFIG = CONFIG.replace(n_layers=16)  # the estimate compiles 1 and 2 layers whatever the count
+TOPOLOGIES = ("v4:2x2x1", "v5e:2x4", "v5p:2x2x1", "v6e:2x4")
+CHIPS = [t.split(":")[0] for t in TOPOLOGIES]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,12 @@ def test_tpu_programs_compile_for_v5e_8(results):
     assert cli["fits"] is True and cli["topology"] == "v5e:2x4" and cli["mesh"] == "data=1,fsdp=8,tensor=1"
     assert 0 < cli["planned_bytes"] and 0 < cli["compiled_bytes"] <= cli["hbm_bytes"] == 16 * 2**30
     assert cli["compile_seconds"] > 0 and len(cli["optimal_seconds"]) == len(cli["programs"]) == 1
+    # What the compiler lets a program hold on a device, as its refusal says, is topology.CHIPS' usable_bytes.
+    from mistral_jax import topology
+
+    assert cli["usable_bytes"] == topology.CHIPS["v5e"].usable_bytes and sorted(results["usable"]) == sorted(CHIPS)
+    for chip, usable in results["usable"].items():
+        assert abs(usable - topology.CHIPS[chip].usable_bytes) < 0.01 * 2**30, (chip, usable / 2**30)
 
 
 def test_decode_step_estimate_is_near_the_hbm_floor(results):
@@ -71,6 +79,31 @@ def test_plan_refuses_compile_without_topology(capsys):
     assert plan.main(["--preset", "tiny", "--devices", "1", "--job", "generate", "--compile"]) == 2
     assert capsys.readouterr().err.startswith("error: --compile needs --topology")
     assert plan.main(["--preset", "tiny", "--topology", "v9z:2x4", "--job", "generate"]) == 2
+
+
+def _usable_bytes(devices) -> int:
+    """The HBM the compiler allows one device, from its refusal of a program that holds 149 GiB."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from mistral_jax.aot_programs import _UNITS
+
+    def grow(a):
+        c = jnp.broadcast_to(a[:, :1], (200_000, 200_000)) * 1.0
+        return jax.lax.fori_loop(0, 4, lambda i, c: jnp.roll(c, 1, 0) * 1.1 + a[i, 0], c)[::1000, ::1000]
+
+    x = jax.ShapeDtypeStruct((200_000, 8), jnp.float32, sharding=NamedSharding(Mesh(devices[:1], ("x",)), P()))
+    try:
+        jax.jit(grow).lower(x).compile()
+    except jax.errors.JaxRuntimeError as e:
+        found = re.search(r"available HBM \(([\d.]+)([KMGT]?)\)", str(e))
+        assert found, str(e)[:500]
+        return int(float(found.group(1)) * _UNITS[found.group(2)])
+    raise AssertionError("a 149 GiB program compiled")
 
 
 def _worker() -> dict:
@@ -136,6 +169,7 @@ def _worker() -> dict:
             == 0
         )
     out["cli"] = json.loads(buf.getvalue())
+    out["usable"] = {t.split(":")[0]: _usable_bytes(topology.topology_devices(t)) for t in TOPOLOGIES}
     assert jax.default_backend() == "cpu"
     return out
 

@@ -262,3 +262,14 @@ def test_remat_gives_the_same_grads(packed, params):
     np.testing.assert_allclose(float(loss_remat), float(loss), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bfloat16_first_moment():
+    """OptimizerConfig.mu_dtype keeps AdamW's mu in bfloat16 (half its memory) and nu in float32, as optax does."""
+    small = {"w": np.ones((4, 8), np.float32), "norm": {"scale": np.ones(4, np.float32)}}
+    state = ts.make_optimizer(ts.OptimizerConfig(total_steps=10, mu_dtype="bfloat16", clip_norm=None)).init(small)
+    adam = state[0]
+    assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+    with pytest.raises(ValueError, match="mu_dtype"):
+        ts.OptimizerConfig(mu_dtype="float16")

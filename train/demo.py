@@ -25,7 +25,7 @@ import time
 
 T0 = time.perf_counter()
 
-from mistral_jax import api, checkpoint, demo_data  # noqa: E402
+from mistral_jax import api, checkpoint, demo_data, launch  # noqa: E402
 from mistral_jax.train_config import TrainConfig  # noqa: E402
 from mistral_jax.trainer import Trainer, load_base  # noqa: E402
 
@@ -50,6 +50,7 @@ def accuracy(answers: list[str], held_out) -> float:
 
 
 def main(argv=None) -> int:
+    launch.default_platforms()
     p = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n")[0])
     p.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--config", default=CONFIG, help="run config (default: configs/demo.yaml)")

@@ -28,7 +28,7 @@ import argparse
 import sys
 import time
 
-from mistral_jax import distributed
+from mistral_jax import distributed, launch
 from mistral_jax.memory_plan import MemoryPlanError
 from mistral_jax.train_config import TrainConfig
 from mistral_jax.trainer import NonFiniteLossError, ResumeError, Trainer
@@ -90,6 +90,7 @@ def fail(e: BaseException, code: int = 2) -> int:
 
 
 def main(argv=None) -> int:
+    launch.default_platforms()
     args = parse_args(argv)
     overrides = {name: getattr(args, name) for name in FLAGS}
     overrides["tensorboard"] = args.tensorboard
