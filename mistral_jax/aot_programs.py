@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import decode as decode_lib
-from . import kv_cache, memory_plan, programs, scoring
+from . import kv_cache, memory_plan, programs, scoring, tuning
 from . import train_step as ts
 from .batching import bucket_length
 from .config import MistralConfig, Numerics
@@ -193,7 +193,7 @@ def _unrolled_params(mm: ModelMesh, dtype: str):
         return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=NamedSharding(mm.mesh, P(*x.sharding.spec[1:])))
 
     layer = jax.tree.map(one, params["layers"])
-    return {**params, "layers": tuple([layer] * mm.config.n_layers)}
+    return {**params, "layers": tuning.PerLayer(tuple([layer] * mm.config.n_layers))}
 
 
 # Memory-space assignment's VMEM staging copies count as bytes accessed: a bare matmul counts 5x its weight.
