@@ -119,22 +119,8 @@ def decode_check(config, mm, params, batches, steps: int, slots: int, bandwidth:
     for b in batches:
 
         def fresh(b=b):
-            rows = lambda v, dt: jnp.full((b,), v, dt)  # noqa: E731
-            return decode.DecodeState(
-                cache=mm.cache(b, slots, "bfloat16"),
-                logits=jnp.zeros((b, config.vocab_size), jnp.float32),
-                out=jnp.zeros((b, steps), jnp.int32),
-                n=rows(0, jnp.int32),
-                pos=rows(slots // 2, jnp.int32),
-                done=rows(False, bool),
-                reason=rows(0, jnp.int32),
-                seeds=rows(0, jnp.uint32),
-                temperature=rows(0.0, jnp.float32),
-                top_k=rows(0, jnp.int32),
-                top_p=rows(1.0, jnp.float32),
-                max_new=rows(steps, jnp.int32),
-                stop_ids=jnp.full((b, 1), -1, jnp.int32),
-            )
+            logits = jnp.zeros((b, config.vocab_size), jnp.float32)
+            return decode.DecodeState.greedy(mm.cache(b, slots, "bfloat16"), logits, slots // 2, steps, steps)
 
         with mm.activate():
             fn = programs.decode_program(config, numerics, mm)

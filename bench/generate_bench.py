@@ -180,22 +180,7 @@ def _programs(config, numerics, steps):
         b, t = prompts.shape
         cache = decode.KVCache.init(config, b, config.sliding_window)
         logits, cache = pre(params, jnp.asarray(prompts), jnp.full((b,), t, jnp.int32), cache)
-        z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
-        return decode.DecodeState(
-            cache=cache,
-            logits=logits,
-            out=jnp.zeros((b, steps), jnp.int32),
-            n=z(0),
-            pos=z(t),
-            done=z(False, bool),
-            reason=z(0),
-            seeds=z(0, jnp.uint32),
-            temperature=z(0.0, jnp.float32),
-            top_k=z(0),
-            top_p=z(1.0, jnp.float32),
-            max_new=z(steps),
-            stop_ids=jnp.full((b, 1), -1, jnp.int32),
-        )
+        return decode.DecodeState.greedy(cache, logits, t, steps, steps)
 
     return pre, dec, state
 

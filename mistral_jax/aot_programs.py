@@ -242,22 +242,8 @@ def decode_step_estimate(mm: ModelMesh, numerics: Numerics, b: int, slots: int) 
 
 
 def _empty_state(config, b, slots, new, dtype):
-    rows = lambda dt, fill=0: jnp.full((b,), fill, dt)  # noqa: E731
-    return decode_lib.DecodeState(
-        cache=kv_cache.KVCache.init(config, b, slots, dtype),
-        logits=jnp.zeros((b, config.vocab_size), jnp.float32),
-        out=jnp.zeros((b, new), jnp.int32),
-        n=rows(jnp.int32),
-        pos=rows(jnp.int32),
-        done=rows(bool),
-        reason=rows(jnp.int32),
-        seeds=rows(jnp.uint32),
-        temperature=rows(jnp.float32),
-        top_k=rows(jnp.int32),
-        top_p=rows(jnp.float32, 1),
-        max_new=rows(jnp.int32),
-        stop_ids=jnp.zeros((b, 1), jnp.int32),
-    )
+    logits = jnp.zeros((b, config.vocab_size), jnp.float32)
+    return decode_lib.DecodeState.greedy(kv_cache.KVCache.init(config, b, slots, dtype), logits, 0, 0, new)
 
 
 def _decode_step(config: MistralConfig, numerics: Numerics, mm: ModelMesh):

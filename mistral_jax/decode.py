@@ -38,6 +38,31 @@ class DecodeState:
     max_new: jax.Array  # [B] int32: the row's token limit
     stop_ids: jax.Array  # [B, NS] int32: the row's stop tokens, -1 padded
 
+    @classmethod
+    def greedy(cls, cache: KVCache, logits, pos, max_new, out_len: int) -> DecodeState:
+        """Greedy rows with nothing generated yet: `pos` [B] (or one for all) the position of each row's next
+        token, `max_new` [B] (or one) its token limit, an output buffer of `out_len` tokens, no stop id."""
+        b = logits.shape[0]
+
+        def rows(value, dtype):
+            return jnp.broadcast_to(jnp.asarray(value, dtype), (b,))
+
+        return cls(
+            cache=cache,
+            logits=logits,
+            out=jnp.zeros((b, out_len), jnp.int32),
+            n=rows(0, jnp.int32),
+            pos=rows(pos, jnp.int32),
+            done=rows(False, bool),
+            reason=rows(RUNNING, jnp.int32),
+            seeds=rows(0, jnp.uint32),
+            temperature=rows(0.0, jnp.float32),
+            top_k=rows(0, jnp.int32),
+            top_p=rows(1.0, jnp.float32),
+            max_new=rows(max_new, jnp.int32),
+            stop_ids=jnp.full((b, 1), -1, jnp.int32),
+        )
+
     def check(self, config: MistralConfig) -> None:
         """Shapes agree with each other and with `config` (chex)."""
         self.cache.check(config)

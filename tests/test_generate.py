@@ -14,6 +14,7 @@ from hf_models import make_hf_model
 
 from mistral_jax import checkpoint, programs, tuning
 from mistral_jax.config import Numerics
+from mistral_jax.decode import DecodeState
 from mistral_jax.generator import Generator, SamplingParams
 
 NUM = Numerics()
@@ -361,32 +362,6 @@ def _tuned(tmp_path):
     return loaded.config, loaded.params, loaded.mesh
 
 
-def _greedy_state(cache, logits, pos, max_new, m):
-    """A DecodeState of greedy rows, nothing generated yet: pos and max_new per row, an output buffer of m
-    tokens, no stop id."""
-    import jax.numpy as jnp
-
-    from mistral_jax.decode import DecodeState
-
-    b = len(pos)
-    z = lambda v, d=jnp.int32: jnp.full((b,), v, d)  # noqa: E731
-    return DecodeState(
-        cache=cache,
-        logits=logits,
-        out=jnp.zeros((b, m), jnp.int32),
-        n=z(0),
-        pos=jnp.asarray(pos, jnp.int32),
-        done=z(False, bool),
-        reason=z(0),
-        seeds=z(0, jnp.uint32),
-        temperature=z(0.0, jnp.float32),
-        top_k=z(0),
-        top_p=z(1.0, jnp.float32),
-        max_new=jnp.asarray(max_new, jnp.int32),
-        stop_ids=jnp.full((b, 1), -1, jnp.int32),
-    )
-
-
 def _compiled_prefills(config, params, mesh):
     """(t, chunk, compiled prefill) for a batch of 2 prompts of t tokens: in one chunk, and in several."""
     import jax.numpy as jnp
@@ -414,7 +389,7 @@ def test_decode_program_updates_the_cache_in_place_and_copies_no_weight(tmp_path
 
     config, params, mesh = _tuned(tmp_path)
     slots, m = 8, 16
-    state = _greedy_state(mesh.cache(b, slots), jnp.zeros((b, config.vocab_size), jnp.float32), [5] * b, [m] * b, m)
+    state = DecodeState.greedy(mesh.cache(b, slots), jnp.zeros((b, config.vocab_size), jnp.float32), 5, m, m)
     state.check(config)
     dec = programs.decode_program(config, NUM, mesh)
     with mesh.activate():
@@ -458,7 +433,7 @@ def test_a_final_decode_call_does_not_feed_its_last_token(tmp_path):
     def run(steps, final):
         with mesh.activate():
             logits, cache = pre(params, *mesh.place(tokens, lengths), mesh.cache(b, 16))
-            state = _greedy_state(cache, logits, lengths, [m, m, 4], m)
+            state = DecodeState.greedy(cache, logits, lengths, [m, m, 4], m)
             return jax.device_get(dec(params, state, jnp.int32(steps), sampled=False, final=final))
 
     general, short, final = run(m, False), run(m - 1, False), run(m, True)
