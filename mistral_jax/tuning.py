@@ -16,7 +16,10 @@ bench/generate_bench.py --tuning measures each against the plain path.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -85,8 +88,10 @@ def per_layer(layers, out_major: bool = False) -> PerLayer:
         n_in = weight.n_in if out_major and weight is not None else 0
         host = np.asarray(leaf)
         sharding = leaf.sharding if isinstance(leaf, jax.Array) else None
-        for i in range(n):
-            one = _put_moved(host[i], sharding and _drop_layer(sharding), 0, n_in)
+        # Strided copies, one layer per thread: numpy releases the GIL while it copies.
+        put = functools.partial(_put_moved, sharding=sharding and _drop_layer(sharding), start=0, n_in=n_in)
+        moved = _pool().map(put, host)
+        for i, one in enumerate(moved):
             per[i].append(OutMajorWeight(one, n_in) if n_in else one)
         if isinstance(leaf, jax.Array):
             leaf.delete()
@@ -136,6 +141,11 @@ class OutMajorWeight:
         else:
             y = jax.lax.dot_general(x2, w2, contract)
         return y.reshape(*lead, *out_shape)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mistral-jax-tuning")
 
 
 def _held(w, n_in: int, layer_axes: int):
