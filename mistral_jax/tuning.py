@@ -49,11 +49,7 @@ def for_inference(params, mesh: ModelMesh, tunings: tuple[str, ...] = TUNINGS):
     out_major = "out_major" in tunings
     if "per_layer" in tunings:
         params = {**params, "layers": per_layer(params["layers"], out_major)}
-    elif out_major:
-        params = {**params, "layers": _map_projections(params["layers"], "layers/", lambda w, n: _held(w, n, 1))}
-    if out_major:
-        params = _map_projections(params, "", lambda w, n: _held(w, n, 0))
-    return params
+    return _out_major(params) if out_major else params
 
 
 @struct.dataclass
@@ -80,23 +76,22 @@ def per_layer(layers, out_major: bool = False) -> PerLayer:
     """Stacked layer params [L, ...] -> L trees, leaf by leaf so that memory peaks near one copy of
     the weights plus one leaf. The slices are taken on the host: indexing the device array would compile a
     program per leaf shape."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(layers)
-    n = leaves[0][1].shape[0]
-    per = [[] for _ in range(n)]
-    for path, leaf in leaves:
-        weight = params_lib.BY_PATH.get("layers/" + _path(path))
-        n_in = weight.n_in if out_major and weight is not None else 0
+    leaves = params_lib.flatten(layers)
+    n = next(iter(leaves.values())).shape[0]
+    per: list[dict] = [{} for _ in range(n)]
+    for path, leaf in leaves.items():
+        n_in = params_lib.BY_PATH["layers/" + path].n_in if out_major else 0
         host = np.asarray(leaf)
         sharding = leaf.sharding if isinstance(leaf, jax.Array) else None
         # Strided copies, one layer per thread: numpy releases the GIL while it copies.
         put = functools.partial(_put_moved, sharding=sharding and _drop_layer(sharding), start=0, n_in=n_in)
         moved = _pool().map(put, host)
         for i, one in enumerate(moved):
-            per[i].append(OutMajorWeight(one, n_in) if n_in else one)
+            params_lib.tree_set(per[i], path, OutMajorWeight(one, n_in) if n_in else one)
         if isinstance(leaf, jax.Array):
             leaf.delete()
         del host
-    return PerLayer(tuple(jax.tree.unflatten(treedef, xs) for xs in per))
+    return PerLayer(tuple(per))
 
 
 @struct.dataclass
@@ -148,10 +143,17 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mistral-jax-tuning")
 
 
-def _held(w, n_in: int, layer_axes: int):
-    """One projection leaf as an OutMajorWeight (`layer_axes` leading stacked-layer axes kept in front)."""
-    sharding = w.sharding if isinstance(w, jax.Array) else None
-    return OutMajorWeight(_put_moved(np.asarray(w), sharding, layer_axes, n_in), n_in)
+def _out_major(params):
+    """`params` with each projection leaf that is still an array (stacked layers included) as an
+    OutMajorWeight; layers already per layer (PerLayer) are kept as they are."""
+    out: dict = {}
+    for path, leaf in params_lib.flatten(params).items():
+        weight = params_lib.BY_PATH.get(path)
+        if weight is not None and weight.n_in:
+            sharding = leaf.sharding if isinstance(leaf, jax.Array) else None
+            leaf = OutMajorWeight(_put_moved(np.asarray(leaf), sharding, int(weight.layered), weight.n_in), weight.n_in)
+        params_lib.tree_set(out, path, leaf)
+    return out
 
 
 def _put_moved(host: np.ndarray, sharding, start: int, n_in: int):
@@ -168,22 +170,6 @@ def _put_moved(host: np.ndarray, sharding, start: int, n_in: int):
     out = buf[at : at + host.nbytes].view(host.dtype).reshape(host.shape)
     out[...] = host
     return jax.device_put(out, sharding)
-
-
-def _map_projections(tree, prefix: str, fn):
-    """`tree` with fn(leaf, n_in) at each projection leaf that params.py declares under `prefix`; others kept."""
-
-    def one(path, leaf):
-        weight = params_lib.BY_PATH.get(prefix + _path(path))
-        if weight is None or not weight.n_in or (prefix == "" and weight.layered):
-            return leaf
-        return fn(leaf, weight.n_in)
-
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def _path(keys) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in keys)
 
 
 def _drop_layer(sharding):
