@@ -159,14 +159,15 @@ class Generator:
             self._prepare([list(prompts[j]) for j in idx], [sampling[j] for j in idx], on_update, steps_per_call)
             for idx in batches
         ]
+        calls = [self._programs(b) for b in prepared]
         # Every program the batches will call, queued in the order they call them: later batches' programs
         # compile while the first ones run.
-        queued = [programs.ahead(fn, self.mesh, args, st) for b in prepared for fn, args, st in self._programs(b)]
+        queued = [programs.ahead(fn, self.mesh, args, st) for batch in calls for fn, args, st in batch]
         try:
             with self.mesh.activate():
-                for idx, b in zip(batches, prepared):
+                for idx, b, call in zip(batches, prepared, calls):
                     update = None if on_update is None else (lambda i, c, _idx=idx: on_update(_idx[i], c))
-                    comps = self._batch(b, update)
+                    comps = self._batch(b, call, update)
                     for j, comp in zip(idx, comps):
                         results[j] = comp
                     if on_batch is not None:
@@ -269,12 +270,12 @@ class Generator:
             ),
         ]
 
-    def _batch(self, b: _Batch, on_update) -> list[Completion]:
-        """Prefills and decodes one prepared batch."""
+    def _batch(self, b: _Batch, calls: list[tuple], on_update) -> list[Completion]:
+        """Prefills and decodes one prepared batch; `calls`: its _programs."""
         n, prompts, stop_lists = len(b.prompts), b.prompts, b.stop_lists
         cache = self.mesh.cache(self.batch_size, b.slots, self.numerics.dtype)
         self.last_cache_shape = tuple(cache.k.shape)
-        (prefill, _, _), (decode, _, statics) = self._programs(b)
+        (prefill, _, _), (decode, _, statics) = calls
         logits, cache = self._run(prefill, self.params, *self.mesh.place(b.tokens, b.lengths), cache)
         state = DecodeState(cache=cache, logits=logits, **self.mesh.place(b.host))
         need_host, sampling = b.need_host, b.sampling

@@ -125,11 +125,6 @@ def _compile(jitted, mesh: ModelMesh, abstract: tuple, statics: dict):
         return jitted.lower(*abstract, **statics).compile()
 
 
-def call(jitted, mesh: ModelMesh, *args, **statics):
-    """jitted(*args, **statics) through its compiled program (waiting for it if it is still compiling)."""
-    return ahead(jitted, mesh, args, statics).result()(*args)
-
-
 def cancel(futures) -> None:
     """Drops queued compilations that have not started (a job that stopped early)."""
     for f in futures:
