@@ -142,11 +142,9 @@ def inference(
     batch: int,
     total_len: int,
     kind: str = "generate",
-    overlap: bool = False,
 ) -> Plan:
     """Plan for `infer.generate` (KV cache for `batch` rows of up to `total_len` tokens, prompt and
-    completion; two batches' caches with `overlap`, when the next batch's prefill runs during a decode, see
-    generate.overlaps_prefill) or `infer.score` (no cache; logits of `batch` rows of `total_len` tokens).
+    completion; one batch's cache at a time) or `infer.score` (no cache; logits of `batch` rows of `total_len` tokens).
     `batch` is rounded up to the data-parallel size as the tools do."""
     sizes = sharding.mesh_sizes(mesh)
     rules, notes = sharding.rules_for(config, sizes)
@@ -164,15 +162,7 @@ def inference(
     if kind == "generate":
         slots = kv_cache.num_slots(config, total_len)
         cache = cache_bytes(config, sizes, batch, slots, size, rules)
-        caches = 2 if overlap else 1
-        rows.append(
-            Row(
-                "KV cache",
-                caches * cache,
-                f"batch {batch} x {slots} slots x {dtype}" + (", two batches" if overlap else ""),
-                "cache",
-            )
-        )
+        rows.append(Row("KV cache", cache, f"batch {batch} x {slots} slots x {dtype}", "cache"))
         head = _split(config.vocab_size, sizes["tensor"]) * config.dim * size
         rows += [
             Row("KV cache update (est.)", cache, "the layer scan writes a new cache", "activations"),
