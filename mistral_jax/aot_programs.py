@@ -196,7 +196,7 @@ def _unrolled_params(mm: ModelMesh, dtype: str):
     return {**params, "layers": tuning.PerLayer(tuple([layer] * mm.config.n_layers))}
 
 
-# Memory-space assignment's VMEM staging copies count as bytes accessed: a bare matmul counts 5x its weight.
+# Memory-space assignment's VMEM staging copies would count as bytes accessed (see decode_step_estimate).
 HBM_ONLY = {"xla_msa_enable": False}
 
 

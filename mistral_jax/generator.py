@@ -160,8 +160,7 @@ class Generator:
             for idx in batches
         ]
         calls = [self._programs(b) for b in prepared]
-        # Every program the batches will call, queued in the order they call them: later batches' programs
-        # compile while the first ones run.
+        # Every program queued in call order, so later batches' programs compile while the first ones run.
         queued = [programs.ahead(fn, self.mesh, args, st) for batch in calls for fn, args, st in batch]
         try:
             with self.mesh.activate():
@@ -195,8 +194,7 @@ class Generator:
         chunk = min(self.prefill_chunk, t)
         t = -(-t // chunk) * chunk
         m = bucket_length(max(max_new), 1 << 30)
-        # Slots rounded up to a power of two (at most the window): batches of different prompt buckets then
-        # share one decode program.
+        # Slots a power of two (at most the window): batches of different prompt buckets share one decode program.
         slots = self.cache_slots or num_slots(c, min(1 << (t + m - 1).bit_length(), c.max_seq_len))
         tokens, lengths = pad_rows(prompts, bs, t)
 

@@ -38,8 +38,7 @@ from .topology import CHIPS
 
 GiB = 2**30
 
-# Memory a program may hold per device, in bytes: a GPU's HBM; a TPU device's HBM less what its compiler keeps
-# (topology.CHIPS: 15.75 of a v5e chip's 16 GiB).
+# Memory a program may hold per device: a GPU's HBM; a TPU device's HBM less what its compiler keeps.
 DEVICES: dict[str, int] = {
     "h100": 80 * GiB,
     "h200": 141 * 10**9,
@@ -129,9 +128,7 @@ def layer_bytes(config: MistralConfig, mesh, itemsize: int, rules) -> int:
     return total // config.n_layers
 
 
-# Bytes per element of a head's [T, S] attention scores held while a layer's backward runs: float32 scores
-# whose probabilities the compiler keeps in the compute dtype (fitted to the TPU compiler's allocations for
-# 32-layer programs; a scan of 2 layers, which the compiler unrolls, holds more).
+# Bytes per score element a layer's backward holds: f32 scores, probabilities in the compute dtype (TPU compiler).
 SCORE_BYTES = 3
 
 
