@@ -88,9 +88,10 @@ def cache_attention(q, ks, vs, masks):
     out, start = 0, 0
     for v, s in zip(vs, scores):
         size = s.shape[-1]
-        out = out + jnp.einsum("BKGTS,BKSH->BTKGH", p[..., start : start + size].astype(v.dtype), v)
+        # The product in its own output order (batch axes first): asked for T-major, it ran a slower kernel.
+        out = out + jnp.einsum("BKGTS,BKSH->BKGTH", p[..., start : start + size].astype(v.dtype), v)
         start += size
-    return out.reshape(b, t, n, h)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def blockwise_attention(q, k, v, positions, segment_ids, window: int | None, block: int):
