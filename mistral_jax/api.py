@@ -56,7 +56,7 @@ def load_model(
     `dtype` is both the stored and the compute dtype. The params are read straight onto `mesh` (default:
     mesh_choice.default_mesh for generation: heads and the MLP on tensor, the batch on data; fsdp when that does
     not fit), a PEFT LoRA `adapter` directory is folded into them (W + scale A B), then they are tuned for
-    inference on its devices (tuning.for_inference, the one place). `check_finite` (default): a
+    inference on its devices (tuning.load_for_inference / for_inference, the one place). `check_finite` (default): a
     weight holding NaN or inf (or, from our format, not matching its checksum) is a CheckpointError naming it;
     False loads it anyway (the tools' --no-check)."""
     if dtype not in DTYPES:
@@ -67,10 +67,12 @@ def load_model(
         mesh = mesh_choice.default_mesh(
             config, "generate", lambda c, sizes: memory_plan.inference(c, sizes, dtype, 1, c.max_seq_len)
         )
-    params = checkpoint.load_params(path, config, dtype, shardings=mesh.param_shardings, check_finite=check_finite)
-    if adapter is not None:
+    if adapter is None:
+        params = tuning.load_for_inference(path, config, dtype, mesh, check_finite=check_finite)
+    else:  # the adapter folds into the plain params, which are then tuned
+        params = checkpoint.load_params(path, config, dtype, shardings=mesh.param_shardings, check_finite=check_finite)
         params = checkpoint.merge_adapter(params, os.fspath(adapter), config, check_finite=check_finite)
-    params = tuning.for_inference(params, mesh)
+        params = tuning.for_inference(params, mesh)
     return LoadedModel(config, Numerics.of(dtype), params, find_tokenizer(path, tokenizer), mesh)
 
 

@@ -1,12 +1,14 @@
 """Platform tuning: the one place where a loaded model is adapted to the machine it runs on.
 
-`for_inference(params, mesh)` is applied once, when a model is loaded for inference (api.load_model), and
-returns params that model.forward computes the same logits from (tests/test_tuning.py). Both tunings below
-apply on one CPU device only; on TPU and GPU the plain stacked params are what runs.
+`for_inference(params, mesh)` is applied once, when a model is loaded for inference (api.load_model, through
+`load_for_inference`, which reads a safetensors checkpoint straight into the tuned layout), and returns params
+that model.forward computes the same logits from (tests/test_tuning.py). Which tunings apply depends on the
+devices (default_tunings): both on one CPU device, per-layer params on GPUs, none on TPUs, where the plain
+stacked params are what runs.
 
   per-layer params (PerLayer): the stacked layer params [L, ...] become L per-layer trees, which bring
-    their own loop over the layers to model.run_layers. Inside a scanned layer XLA:CPU copies each layer's
-    weights out of the stack before its products, so a decode step reads every weight three times, not once.
+    their own loop over the layers to model.run_layers. Inside a scanned layer XLA:CPU and XLA:GPU copy each
+    layer's weights out of the stack before its products, so a decode step reads every weight three times.
   out-major projections (OutMajorWeight): each projection weight is held [out..., in...] and brings its own
     product (as lora.LoraWeight does). XLA:CPU's matmul library streams the weight fastest as the left
     operand of a few-row product, W x^T; its transpose back is kept apart from the product, or XLA folds it
@@ -26,7 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from . import checkpoint
 from . import params as params_lib
+from .checkpoint import safetensors
+from .checkpoint.files import np_dtype
+from .config import MistralConfig
 from .sharding import ModelMesh
 
 TUNINGS = ("per_layer", "out_major")
@@ -38,18 +44,62 @@ def on_one_cpu_device(mesh: ModelMesh) -> bool:
     return mesh.size == 1 and next(iter(devices)).platform == "cpu"
 
 
-def for_inference(params, mesh: ModelMesh, tunings: tuple[str, ...] = TUNINGS):
+def default_tunings(mesh: ModelMesh) -> tuple[str, ...]:
+    """The tunings that pay on `mesh`'s devices (bench/generate_bench.py --tuning on the CPU,
+    bench/device_check.py on a GPU): both on one CPU device, per-layer params on GPUs, none on TPUs."""
+    if on_one_cpu_device(mesh):
+        return TUNINGS
+    if {d.platform for d in mesh.mesh.devices.flat} == {"gpu"}:
+        return ("per_layer",)
+    return ()
+
+
+def for_inference(params, mesh: ModelMesh, tunings: tuple[str, ...] | None = None):
     """`params` as they run fastest for inference on `mesh`'s devices (see the module docstring); `tunings`
-    picks a subset, for benchmarks."""
+    (default: default_tunings(mesh)) picks a subset, for benchmarks and tests."""
+    tunings = default_tunings(mesh) if tunings is None else tunings
     unknown = set(tunings) - set(TUNINGS)
     if unknown:
         raise ValueError(f"unknown tunings {sorted(unknown)}; known: {TUNINGS}")
-    if not on_one_cpu_device(mesh) or isinstance(params["layers"], PerLayer) or not tunings:
+    if isinstance(params["layers"], PerLayer) or not tunings:
         return params
     out_major = "out_major" in tunings
+    if out_major and not on_one_cpu_device(mesh):
+        raise ValueError("the out_major tuning is for one CPU device")
     if "per_layer" in tunings:
-        params = {**params, "layers": per_layer(params["layers"], out_major)}
+        params = {**params, "layers": per_layer(params["layers"], out_major, on_host=on_one_cpu_device(mesh))}
     return _out_major(params) if out_major else params
+
+
+def load_for_inference(path: str, config: MistralConfig, dtype: str, mesh: ModelMesh, *, check_finite: bool = True):
+    """for_inference(checkpoint.load_params(...)), in one pass from a transformers or native checkpoint when
+    the tunings apply: the projections are read in the checkpoints' [out, in] order, which is the out-major
+    one, and each layer's slice goes to the device where it lies, without the two transposing copies."""
+    path = os.fspath(path)
+    fmt = checkpoint.detect_format(path)
+    if fmt == "orbax" or not on_one_cpu_device(mesh):
+        params = checkpoint.load_params(path, config, dtype, mesh.param_shardings, check_finite=check_finite)
+        return for_inference(params, mesh)
+    out: dict = {}
+    layers: list[dict] = [{} for _ in range(config.n_layers)]
+    with safetensors.open_checked(path, fmt, config) as source:
+        leaves = safetensors.host_leaves(source, fmt, config, np_dtype(dtype), check_finite, stored_order=True)
+        for w, host in leaves:
+            order = safetensors.inputs_last(w)
+            moved = host.transpose(order)  # C order: a CPU device takes its aligned slices as they lie
+            sharding = _moved_sharding(params_lib.tree_get(mesh.param_shardings, w.path), order)
+            if not w.layered:
+                params_lib.tree_set(out, w.path, _as_weight(jax.device_put(moved, sharding), w.n_in))
+                continue
+            sharding, path_in_layer = _drop_layer(sharding), w.path.split("/", 1)[1]
+            for i, one in enumerate(moved):
+                params_lib.tree_set(layers[i], path_in_layer, _as_weight(jax.device_put(one, sharding), w.n_in))
+    out["layers"] = PerLayer(tuple(layers))
+    return out
+
+
+def _as_weight(x, n_in: int):
+    return OutMajorWeight(x, n_in) if n_in else x
 
 
 @struct.dataclass
@@ -72,25 +122,29 @@ class PerLayer:
         return self.layers[i]
 
 
-def per_layer(layers, out_major: bool = False) -> PerLayer:
+def per_layer(layers, out_major: bool = False, on_host: bool = False) -> PerLayer:
     """Stacked layer params [L, ...] -> L trees, leaf by leaf so that memory peaks near one copy of
-    the weights plus one leaf. The slices are taken on the host: indexing the device array would compile a
+    the weights plus one leaf. `on_host` (one CPU device): the layers are copied on the host into aligned
+    buffers, projections out-major when `out_major`; else each leaf's layers are sliced on its devices, one
     program per leaf shape."""
     leaves = params_lib.flatten(layers)
     n = next(iter(leaves.values())).shape[0]
     per: list[dict] = [{} for _ in range(n)]
     for path, leaf in leaves.items():
         n_in = params_lib.BY_PATH["layers/" + path].n_in if out_major else 0
-        host = np.asarray(leaf)
         sharding = leaf.sharding if isinstance(leaf, jax.Array) else None
-        # Strided copies, one layer per thread: numpy releases the GIL while it copies.
-        put = functools.partial(_put_moved, sharding=sharding and _drop_layer(sharding), start=0, n_in=n_in)
-        moved = _pool().map(put, host)
+        if on_host:
+            # Strided copies, one layer per thread: numpy releases the GIL while it copies.
+            put = functools.partial(_put_moved, sharding=sharding and _drop_layer(sharding), start=0, n_in=n_in)
+            moved = list(_pool().map(put, np.asarray(leaf)))
+        else:
+            take = jax.jit(lambda w, i: w[i], out_shardings=sharding and _drop_layer(sharding))
+            moved = [take(leaf, np.int32(i)) for i in range(n)]
         for i, one in enumerate(moved):
-            params_lib.tree_set(per[i], path, OutMajorWeight(one, n_in) if n_in else one)
+            params_lib.tree_set(per[i], path, _as_weight(one, n_in))
         if isinstance(leaf, jax.Array):
+            jax.block_until_ready(moved)
             leaf.delete()
-        del host
     return PerLayer(tuple(per))
 
 
@@ -158,18 +212,18 @@ def _out_major(params):
 
 def _put_moved(host: np.ndarray, sharding, start: int, n_in: int):
     """`host` with its axes [start, start + n_in) moved last (none when n_in is 0), onto `sharding`'s devices
-    with the spec moved alike. The one copy goes into a 64-byte aligned buffer, which a CPU device then takes
-    as its own without a second copy."""
+    with the spec moved alike, through one copy into an aligned buffer (which the CPU device adopts)."""
     perm = [i for i in range(host.ndim) if not start <= i < start + n_in] + list(range(start, start + n_in))
+    out = safetensors.aligned_empty(tuple(host.shape[i] for i in perm), host.dtype)
+    out[...] = host.transpose(perm)
+    return jax.device_put(out, _moved_sharding(sharding, perm))
+
+
+def _moved_sharding(sharding, perm):
     if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = (*sharding.spec, *[None] * (host.ndim - len(sharding.spec)))
-        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*(spec[i] for i in perm)))
-    host = host.transpose(perm)
-    buf = np.empty(host.nbytes + 64, np.uint8)
-    at = -buf.ctypes.data % 64
-    out = buf[at : at + host.nbytes].view(host.dtype).reshape(host.shape)
-    out[...] = host
-    return jax.device_put(out, sharding)
+        spec = (*sharding.spec, *[None] * (len(perm) - len(sharding.spec)))
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*(spec[i] for i in perm)))
+    return sharding
 
 
 def _drop_layer(sharding):

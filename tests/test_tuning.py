@@ -55,6 +55,26 @@ def test_tuned_params_equal_the_plain_stacked_params_with_and_without_a_cache(tu
     np.testing.assert_array_equal(ca.pos, cb.pos)
 
 
+def test_per_layer_params_sliced_on_the_devices_equal_the_plain_params():
+    # The path GPUs take (default_tunings): each leaf's layers sliced by a compiled program, not on the host.
+    c = get_preset("tiny", vocab_size=256, n_layers=3)
+    plain = params.init_params(c, jax.random.key(2))
+    mm = sharding.ModelMesh.build(c)
+    assert tuning.default_tunings(mm) == tuning.TUNINGS
+    stacked = jax.device_put(jax.tree.map(jnp.copy, plain["layers"]), mm.param_shardings["layers"])
+    tuned = {**plain, "layers": tuning.per_layer(stacked, on_host=False)}
+    wq = tuned["layers"].layer(2)["attention"]["wq"]
+    spec = mm.param_shardings["layers"]["attention"]["wq"].spec
+    assert wq.sharding == jax.sharding.NamedSharding(mm.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 40)))
+    np.testing.assert_allclose(
+        model.logits(tuned, tokens, config=c), model.logits(plain, tokens, config=c), rtol=1e-5, atol=1e-5
+    )
+    (a, ca), (b, cb) = _run(tuned, c, tokens), _run(plain, c, tokens)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ca.v, cb.v, rtol=1e-5, atol=1e-5)
+
+
 def test_out_major_weight_reshapes_and_projects_as_the_array_it_stands_for():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 3, 5)).astype(np.float32)  # [in (N, H), out D], as wo
@@ -73,3 +93,21 @@ def test_out_major_weight_reshapes_and_projects_as_the_array_it_stands_for():
         held.reshape(4, 15)
     with pytest.raises(ValueError, match="unknown tunings"):
         tuning.for_inference({"layers": {}}, sharding.ModelMesh.build(get_preset("tiny")), ("fast",))
+
+
+@pytest.mark.parametrize("fmt,dtype", [("hf", "float32"), ("native", "float32"), ("hf", "bfloat16")])
+def test_load_for_inference_equals_tuning_the_loaded_plain_params(tmp_path, fmt, dtype):
+    from mistral_jax import checkpoint
+
+    c = get_preset("tiny", vocab_size=256, n_layers=3)
+    plain = params.init_params(c, jax.random.key(1))
+    (checkpoint.export_hf if fmt == "hf" else checkpoint.export_native)(str(tmp_path), plain, c, "float32")
+    mm = sharding.ModelMesh.build(c)
+    direct = tuning.load_for_inference(str(tmp_path), c, dtype, mm)
+    two_steps = tuning.for_inference(checkpoint.load_params(str(tmp_path), c, dtype, mm.param_shardings), mm)
+    assert jax.tree.structure(direct) == jax.tree.structure(two_steps)
+    for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(two_steps)):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+    with pytest.raises(checkpoint.CheckpointError, match="shape"):
+        tuning.load_for_inference(str(tmp_path), get_preset("tiny", vocab_size=256, n_layers=3, dim=32), dtype, mm)

@@ -244,13 +244,42 @@ def _fill(dst: np.ndarray, source: Source, name: str, view, config: MistralConfi
             )
 
 
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized C-order array starting on a 64-byte boundary, which a CPU device adopts without a copy."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = np.empty(nbytes + 64, np.uint8)
+    at = -buf.ctypes.data % 64
+    return buf[at : at + nbytes].view(dtype).reshape(shape)
+
+
+def inputs_last(w: params_lib.Weight) -> list[int]:
+    """The axis order of `w`'s full leaf with a projection's input axes moved last ([L, out..., in...], the
+    checkpoints' order); the identity for other weights."""
+    axes = list(range(len(w.full_axes())))
+    start = int(w.layered)
+    return axes[:start] + axes[start + w.n_in :] + axes[start : start + w.n_in]
+
+
 def host_leaves(
-    source: Source, fmt: str, config: MistralConfig, dtype: np.dtype, check_finite: bool = True
+    source: Source,
+    fmt: str,
+    config: MistralConfig,
+    dtype: np.dtype,
+    check_finite: bool = True,
+    stored_order: bool = False,
 ) -> Iterator[tuple[params_lib.Weight, np.ndarray]]:
     """(weight, host array of its full shape in `dtype`), one leaf at a time, filled tensor by tensor.
-    `check_finite`: CheckpointError for a tensor holding NaN or inf (or overflowing `dtype`), naming it."""
+    `check_finite`: CheckpointError for a tensor holding NaN or inf (or overflowing `dtype`), naming it.
+    `stored_order`: each array is a view of a 64-byte aligned buffer laid out in `inputs_last(w)` order, so that
+    filling it from the checkpoint's [out, in] tensors copies rows, not a transposition."""
     for w in params_lib.weights(config):
-        host = np.empty(w.full_shape(config), dtype)
+        if stored_order:
+            order = inputs_last(w)
+            shape = w.full_shape(config)
+            host = aligned_empty(tuple(shape[i] for i in order), dtype).transpose(np.argsort(order))
+        else:
+            host = np.empty(w.full_shape(config), dtype)
         view = w.stored_view(fmt)
         names = _names(w, fmt, config)
         if w.layered:
