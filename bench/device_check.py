@@ -12,6 +12,8 @@ window 4096) with random bfloat16 weights, on one device:
             --slots slots, against the HBM floor: (weights + KV cache) / measured bandwidth per step.
   prefill   one forward pass over --prefill-batch x --seq tokens (attention "auto", cuDNN here): model FLOPs
             / time / peak.
+            Decode and prefill run the params as api.load_model tunes them for the GPU (tuning.for_inference)
+            and, beside them, the plain stacked params: the platform tuning earns its place here.
   lora      one LoRA train step (rank 16 on every target, remat full, attention "auto") of --train-batch x
             --seq tokens, --train-layers layers (fewer than 32 is said in the output): model FLOPs = forward +
             input gradients (4 N per token plus attention; frozen weights get no weight gradient, the
@@ -104,8 +106,9 @@ def forward_flops(config, seq: int, head_tokens: int) -> float:
     return 2 * seq * n_matmul + 2 * head_tokens * head + 4 * config.n_layers * config.n_heads * config.head_dim * keys
 
 
-def decode_check(config, mm, params, batches, steps: int, slots: int, bandwidth: float, repeats: int) -> list[dict]:
-    """tokens/s of programs.decode_program at each batch size, against the HBM floor."""
+def decode_check(config, mm, variants, batches, steps: int, slots: int, bandwidth: float, repeats: int) -> list[dict]:
+    """tokens/s of programs.decode_program at each batch size with the first of `variants` (name -> params),
+    against the HBM floor; the other variants' step times beside it."""
     import jax
     import jax.numpy as jnp
 
@@ -125,7 +128,7 @@ def decode_check(config, mm, params, batches, steps: int, slots: int, bandwidth:
         with mm.activate():
             fn = programs.decode_program(config, numerics, mm)
 
-            def run(fn=fn, fresh=fresh):
+            def run(params, fn=fn, fresh=fresh):
                 state = fresh()
                 jax.block_until_ready(state)
                 t0 = time.perf_counter()
@@ -133,8 +136,11 @@ def decode_check(config, mm, params, batches, steps: int, slots: int, bandwidth:
                 jax.block_until_ready(state)
                 return time.perf_counter() - t0
 
-            run()
-            seconds = min(run() for _ in range(repeats))
+            times = {}
+            for name, params in variants.items():
+                run(params)
+                times[name] = min(run(params) for _ in range(repeats))
+            seconds = next(iter(times.values()))
         cache = cache_bytes(config, mm.mesh, b, slots, 2, mm.rules)
         step = seconds / steps
         floor = (weights + cache) / bandwidth
@@ -147,12 +153,15 @@ def decode_check(config, mm, params, batches, steps: int, slots: int, bandwidth:
                 "hbm_floor_ms": floor * 1e3,
                 "floor_fraction": floor / step,
                 "bytes_per_step": weights + cache,
+                **{f"{name}_step_ms": t / steps * 1e3 for name, t in list(times.items())[1:]},
             }
         )
     return out
 
 
-def prefill_check(config, mm, params, batch: int, seq: int, peak: float, repeats: int) -> dict:
+def prefill_check(config, mm, variants, batch: int, seq: int, peak: float, repeats: int) -> dict:
+    """One forward pass with the first of `variants` (name -> params): model FLOPs / time / peak; the other
+    variants' times beside it."""
     import jax
     import jax.numpy as jnp
 
@@ -164,9 +173,11 @@ def prefill_check(config, mm, params, batch: int, seq: int, peak: float, repeats
     last = jnp.full((batch,), seq - 1, jnp.int32)
     with mm.activate():
         f = jax.jit(lambda p, t: model.forward(p, t, config=config, numerics=numerics, logits_at=last))
-        s = best_seconds(lambda: f(params, tokens).block_until_ready(), repeats)
+        times = {n: best_seconds(lambda p=p: f(p, tokens).block_until_ready(), repeats) for n, p in variants.items()}
+    s = next(iter(times.values()))
     flops = batch * forward_flops(config, seq, 1)
     return {
+        **{f"{name}_seconds": t for name, t in list(times.items())[1:]},
         "batch": batch,
         "seq": seq,
         "seconds": s,
@@ -283,11 +294,16 @@ def _diffs(c: dict) -> str:
     return f"max diff {c['max_abs_diff']:.3g}, gradient {c['grad_max_abs_diff']:.3g}"
 
 
+def _stacked(value, unit: str) -> str:
+    return "" if value is None else f"; plain stacked params {value:.3g} {unit}"
+
+
 def markdown(r: dict) -> str:
     lines = [
         f"Device: {r['device']} ({r['device_kind']}), jax {r['jax']}; HBM measured "
         f"{r.get('hbm_bytes_per_s', 0) / 1e12:.2f} TB/s, bf16 matmul measured "
-        f"{r.get('matmul_flops', 0) / 1e12:.0f} TFLOP/s, MFU against {r['peak_flops'] / 1e12:.0f} TFLOP/s.",
+        f"{r.get('matmul_flops', 0) / 1e12:.0f} TFLOP/s, MFU against {r['peak_flops'] / 1e12:.0f} TFLOP/s; "
+        f"decode and prefill with the tunings {r.get('tunings')} (what api.load_model runs there).",
         "",
         "| check | shape | result | against |",
         "|---|---|---|---|",
@@ -296,12 +312,13 @@ def markdown(r: dict) -> str:
         lines.append(
             f"| decode 7B bf16 | batch {d['batch']}, {d['slots']} slots | {d['tokens_per_s']:.0f} tok/s "
             f"({d['step_ms']:.2f} ms/step) | HBM floor {d['hbm_floor_ms']:.2f} ms "
-            f"({d['floor_fraction']:.0%}) |"
+            f"({d['floor_fraction']:.0%}){_stacked(d.get('stacked_step_ms'), 'ms/step')} |"
         )
     if "prefill" in r:
         p = r["prefill"]
         lines.append(
-            f"| prefill 7B bf16 | {p['batch']} x {p['seq']} | {p['tokens_per_s']:.0f} tok/s | MFU {p['mfu']:.1%} |"
+            f"| prefill 7B bf16 | {p['batch']} x {p['seq']} | {p['tokens_per_s']:.0f} tok/s | MFU {p['mfu']:.1%}"
+            f"{_stacked(p.get('stacked_seconds'), 's')} |"
         )
     if "lora" in r:
         p = r["lora"]
@@ -331,7 +348,9 @@ def main(argv=None) -> int:
     if not gpus:
         print("error: no GPU (JAX finds no CUDA device here); run this on a GPU machine", file=sys.stderr)
         return 2
-    from mistral_jax import mesh_choice
+    import jax.numpy as jnp
+
+    from mistral_jax import mesh_choice, tuning
     from mistral_jax.config import get_preset
 
     t_start = time.perf_counter()
@@ -374,13 +393,19 @@ def main(argv=None) -> int:
         log("random 7B bfloat16 weights ...")
         params = mm.init_params(jax.random.key(0), "bfloat16")
         jax.block_until_ready(params)
+    # What api.load_model runs here (tuning.for_inference), and the plain stacked params beside it.
+    r["tunings"] = list(tuning.default_tunings(mm))
+    variants = {}
+    if only & {"decode", "prefill"}:
+        variants = {"tuned": tuning.for_inference(jax.tree.map(jnp.copy, params), mm), "stacked": params}
     section(
         "decode",
         lambda: decode_check(
-            config, mm, params, args.decode_batches, args.decode_steps, args.slots, r["hbm_bytes_per_s"], args.repeats
+            config, mm, variants, args.decode_batches, args.decode_steps, args.slots, r["hbm_bytes_per_s"], args.repeats
         ),
     )
-    section("prefill", lambda: prefill_check(config, mm, params, args.prefill_batch, args.seq, peak, args.repeats))
+    section("prefill", lambda: prefill_check(config, mm, variants, args.prefill_batch, args.seq, peak, args.repeats))
+    variants = None  # noqa: F841 (the tuned copy's memory back before the train step)
     if args.train_layers < config.n_layers:
         r["notes"].append(f"LoRA step at {args.train_layers} of {config.n_layers} layers")
     section(
