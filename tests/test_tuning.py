@@ -25,6 +25,19 @@ def _run(p, c, tokens):
     return np.stack(outs), cache
 
 
+def _assert_same_outputs(tuned, plain, c, seed: int):
+    """The logits of 40 random tokens, and of a cached prefill + decode run with its cache, agree."""
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (2, 40)))
+    np.testing.assert_allclose(
+        model.logits(tuned, tokens, config=c), model.logits(plain, tokens, config=c), rtol=1e-5, atol=1e-5
+    )
+    (a, ca), (b, cb) = _run(tuned, c, tokens), _run(plain, c, tokens)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ca.k, cb.k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ca.v, cb.v, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ca.pos, cb.pos)
+
+
 @pytest.mark.parametrize("tunings", [("per_layer",), ("out_major",), tuning.TUNINGS])
 def test_tuned_params_equal_the_plain_stacked_params_with_and_without_a_cache(tunings):
     c = get_preset("tiny", vocab_size=256, n_layers=3)
@@ -44,15 +57,8 @@ def test_tuned_params_equal_the_plain_stacked_params_with_and_without_a_cache(tu
         head = tuned["output"]["kernel"]
         np.testing.assert_array_equal(np.asarray(head.w), np.asarray(plain["output"]["kernel"]).T)
 
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 40)))
     # Many positions per row: the plain product form; the decode steps of the cache run take the W x^T form.
-    np.testing.assert_allclose(
-        model.logits(tuned, tokens, config=c), model.logits(plain, tokens, config=c), rtol=1e-5, atol=1e-5
-    )
-    (a, ca), (b, cb) = _run(tuned, c, tokens), _run(plain, c, tokens)
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ca.k, cb.k, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(ca.pos, cb.pos)
+    _assert_same_outputs(tuned, plain, c, seed=0)
 
 
 def test_per_layer_params_sliced_on_the_devices_equal_the_plain_params():
@@ -66,13 +72,7 @@ def test_per_layer_params_sliced_on_the_devices_equal_the_plain_params():
     wq = tuned["layers"].layer(2)["attention"]["wq"]
     spec = mm.param_shardings["layers"]["attention"]["wq"].spec
     assert wq.sharding == jax.sharding.NamedSharding(mm.mesh, jax.sharding.PartitionSpec(*spec[1:]))
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 40)))
-    np.testing.assert_allclose(
-        model.logits(tuned, tokens, config=c), model.logits(plain, tokens, config=c), rtol=1e-5, atol=1e-5
-    )
-    (a, ca), (b, cb) = _run(tuned, c, tokens), _run(plain, c, tokens)
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ca.v, cb.v, rtol=1e-5, atol=1e-5)
+    _assert_same_outputs(tuned, plain, c, seed=1)
 
 
 def test_out_major_weight_reshapes_and_projects_as_the_array_it_stands_for():
