@@ -72,9 +72,9 @@ def for_inference(params, mesh: ModelMesh, tunings: tuple[str, ...] | None = Non
 
 
 def load_for_inference(path: str, config: MistralConfig, dtype: str, mesh: ModelMesh, *, check_finite: bool = True):
-    """for_inference(checkpoint.load_params(...)), in one pass from a transformers or native checkpoint when
-    the tunings apply: the projections are read in the checkpoints' [out, in] order, which is the out-major
-    one, and each layer's slice goes to the device where it lies, without the two transposing copies."""
+    """for_inference(checkpoint.load_params(...)). On one CPU device, from a transformers or native checkpoint,
+    in one pass: the projections are read in the checkpoints' [out, in] order, which is the out-major one, and
+    each layer's slice goes to the device where it lies, without the two transposing copies."""
     path = os.fspath(path)
     fmt = checkpoint.detect_format(path)
     if fmt == "orbax" or not on_one_cpu_device(mesh):
@@ -125,8 +125,8 @@ class PerLayer:
 def per_layer(layers, out_major: bool = False, on_host: bool = False) -> PerLayer:
     """Stacked layer params [L, ...] -> L trees, leaf by leaf so that memory peaks near one copy of
     the weights plus one leaf. `on_host` (one CPU device): the layers are copied on the host into aligned
-    buffers, projections out-major when `out_major`; else each leaf's layers are sliced on its devices, one
-    program per leaf shape."""
+    buffers, projections out-major when `out_major`; else each leaf's layers are sliced on its devices by one
+    small compiled program per leaf."""
     leaves = params_lib.flatten(layers)
     n = next(iter(leaves.values())).shape[0]
     per: list[dict] = [{} for _ in range(n)]
