@@ -287,6 +287,7 @@ def test_tools_on_8_devices_match_one_device(tmp_path):
         for leaf, (total, per_device) in checks[f"bytes_{how}"].items():
             assert per_device == [total // 8] * 8, (how, leaf, total, per_device)
     assert checks["orbax_equal"] and checks["tuning_keeps_stacked"]
+    assert checks["per_layer_sharded_diff"] < 1e-4 and checks["per_layer_sharded_spec"]
     assert checks["cache_spec_gqa"] == [None, ["data", "fsdp"], "tensor", None, None]
     assert checks["cache_spec_mqa"] == [None, ["data", "fsdp"], None, None, None]
     # One training step (full fine-tuning, and LoRA with dropout), grad_accum 2: loss and every gradient.
@@ -440,6 +441,19 @@ def _worker(tmp):
     from mistral_jax import tuning
 
     checks["tuning_keeps_stacked"] = isinstance(tuning.for_inference(restored, mm)["layers"], dict)
+    # Per-layer params sliced on sharded devices (what several GPUs get) compute the stacked params' logits.
+    from mistral_jax import model
+
+    m = sharding.ModelMesh.build(config, "data=2,fsdp=2,tensor=2")
+    stacked = checkpoint.load_params(tmp / "gqa", config, "float32", shardings=m.param_shardings)
+    per = tuning.for_inference(jax.tree.map(lambda x: x.copy(), stacked), m, ("per_layer",))
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (4, 24))
+    with m.activate():
+        logits = jax.jit(lambda p, t: model.logits(p, t, config=config))
+        diff = np.abs(np.asarray(logits(per, tokens)) - np.asarray(logits(stacked, tokens))).max()
+    checks["per_layer_sharded_diff"] = float(diff)
+    wo, wo_stacked = per["layers"].layer(1)["attention"]["wo"], stacked["layers"]["attention"]["wo"]
+    checks["per_layer_sharded_spec"] = tuple(wo.sharding.spec) == tuple(wo_stacked.sharding.spec)[1:]
     for name in MODELS:
         c = checkpoint.load_config(tmp / name)
         m = sharding.ModelMesh.build(c, "data=2,fsdp=2,tensor=2")
