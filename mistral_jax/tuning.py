@@ -85,7 +85,7 @@ def load_for_inference(path: str, config: MistralConfig, dtype: str, mesh: Model
     with safetensors.open_checked(path, fmt, config) as source:
         leaves = safetensors.host_leaves(source, fmt, config, np_dtype(dtype), check_finite, stored_order=True)
         for w, host in leaves:
-            order = safetensors.inputs_last(w)
+            order = safetensors.inputs_last(host.ndim, int(w.layered), w.n_in)
             moved = host.transpose(order)  # C order: a CPU device takes its aligned slices as they lie
             sharding = _moved_sharding(params_lib.tree_get(mesh.param_shardings, w.path), order)
             if not w.layered:
@@ -213,7 +213,7 @@ def _out_major(params):
 def _put_moved(host: np.ndarray, sharding, start: int, n_in: int):
     """`host` with its axes [start, start + n_in) moved last (none when n_in is 0), onto `sharding`'s devices
     with the spec moved alike, through one copy into an aligned buffer (which the CPU device adopts)."""
-    perm = [i for i in range(host.ndim) if not start <= i < start + n_in] + list(range(start, start + n_in))
+    perm = safetensors.inputs_last(host.ndim, start, n_in)
     out = safetensors.aligned_empty(tuple(host.shape[i] for i in perm), host.dtype)
     out[...] = host.transpose(perm)
     return jax.device_put(out, _moved_sharding(sharding, perm))

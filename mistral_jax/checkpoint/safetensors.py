@@ -253,12 +253,11 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     return buf[at : at + nbytes].view(dtype).reshape(shape)
 
 
-def inputs_last(w: params_lib.Weight) -> list[int]:
-    """The axis order of `w`'s full leaf with a projection's input axes moved last ([L, out..., in...], the
-    checkpoints' order); the identity for other weights."""
-    axes = list(range(len(w.full_axes())))
-    start = int(w.layered)
-    return axes[:start] + axes[start + w.n_in :] + axes[start : start + w.n_in]
+def inputs_last(ndim: int, start: int, n_in: int) -> list[int]:
+    """The axis order of an array whose axes [start, start + n_in) are a projection's inputs, with those moved
+    last (a stacked leaf [L, in..., out...] -> [L, out..., in...], the checkpoints' order); n_in 0: identity."""
+    axes = list(range(ndim))
+    return axes[:start] + axes[start + n_in :] + axes[start : start + n_in]
 
 
 def host_leaves(
@@ -271,12 +270,13 @@ def host_leaves(
 ) -> Iterator[tuple[params_lib.Weight, np.ndarray]]:
     """(weight, host array of its full shape in `dtype`), one leaf at a time, filled tensor by tensor.
     `check_finite`: CheckpointError for a tensor holding NaN or inf (or overflowing `dtype`), naming it.
-    `stored_order`: each array is a view of a 64-byte aligned buffer laid out in `inputs_last(w)` order, so that
-    filling it from the checkpoint's [out, in] tensors copies rows, not a transposition."""
+    `stored_order`: each array is a view of a 64-byte aligned buffer laid out with the projection's input axes
+    last (inputs_last), so that filling it from the checkpoint's [out, in] tensors copies rows, not a
+    transposition."""
     for w in params_lib.weights(config):
         if stored_order:
-            order = inputs_last(w)
             shape = w.full_shape(config)
+            order = inputs_last(len(shape), int(w.layered), w.n_in)
             host = aligned_empty(tuple(shape[i] for i in order), dtype).transpose(np.argsort(order))
         else:
             host = np.empty(w.full_shape(config), dtype)
