@@ -72,12 +72,13 @@ def for_inference(params, mesh: ModelMesh, tunings: tuple[str, ...] | None = Non
 
 
 def load_for_inference(path: str, config: MistralConfig, dtype: str, mesh: ModelMesh, *, check_finite: bool = True):
-    """for_inference(checkpoint.load_params(...)). On one CPU device, from a transformers or native checkpoint,
-    in one pass: the projections are read in the checkpoints' [out, in] order, which is the out-major one, and
-    each layer's slice goes to the device where it lies, without the two transposing copies."""
+    """for_inference(checkpoint.load_params(...)). Where both tunings apply (one CPU device), from a transformers
+    or native checkpoint, in one pass: the projections are read in the checkpoints' [out, in] order, which is
+    the out-major one, and each layer's slice goes to the device where it lies, without the two transposing
+    copies."""
     path = os.fspath(path)
     fmt = checkpoint.detect_format(path)
-    if fmt == "orbax" or not on_one_cpu_device(mesh):
+    if fmt == "orbax" or default_tunings(mesh) != TUNINGS:
         params = checkpoint.load_params(path, config, dtype, mesh.param_shardings, check_finite=check_finite)
         return for_inference(params, mesh)
     out: dict = {}
@@ -138,7 +139,7 @@ def per_layer(layers, out_major: bool = False, on_host: bool = False) -> PerLaye
             put = functools.partial(_put_moved, sharding=sharding and _drop_layer(sharding), start=0, n_in=n_in)
             moved = list(_pool().map(put, np.asarray(leaf)))
         else:
-            take = jax.jit(lambda w, i: w[i], out_shardings=sharding and _drop_layer(sharding))
+            take = _take(sharding and _drop_layer(sharding))
             moved = [take(leaf, np.int32(i)) for i in range(n)]
         for i, one in enumerate(moved):
             params_lib.tree_set(per[i], path, _as_weight(one, n_in))
@@ -190,6 +191,12 @@ class OutMajorWeight:
         else:
             y = jax.lax.dot_general(x2, w2, contract)
         return y.reshape(*lead, *out_shape)
+
+
+@functools.cache
+def _take(sharding):
+    """Layer i of a stacked leaf onto `sharding`: one program per leaf shape, shared by leaves alike."""
+    return jax.jit(lambda w, i: w[i], out_shardings=sharding)
 
 
 @functools.cache
